@@ -1,0 +1,57 @@
+"""Multi-head / grouped-query self-attention with RoPE, QK-norm and an explicit cache."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm import ops
+
+from .cache import write_layer
+from .config import Config
+from .layers import Dense, RMSNorm, residual_std
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        d, h, kh, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
+        self.cfg = cfg
+        self.q_proj = Dense(cfg, (d,), (h, hd), ("embed",), ("heads", "head_dim"),
+                            bias=cfg.qkv_bias, rngs=rngs)
+        self.k_proj = Dense(cfg, (d,), (kh, hd), ("embed",), ("kv_heads", "head_dim"),
+                            bias=cfg.qkv_bias, rngs=rngs)
+        self.v_proj = Dense(cfg, (d,), (kh, hd), ("embed",), ("kv_heads", "head_dim"),
+                            bias=cfg.qkv_bias, rngs=rngs)
+        self.o_proj = Dense(cfg, (h, hd), (d,), ("heads", "head_dim"), ("embed",),
+                            bias=cfg.out_bias, rngs=rngs, std=residual_std(cfg))
+        self.q_norm = RMSNorm(cfg, hd, "head_dim", rngs) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg, hd, "head_dim", rngs) if cfg.qk_norm else None
+
+    def __call__(self, x, positions, *, rope=None, alibi=None, kv=None, starts=None,
+                 segment_ids=None):
+        """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) [b,S,k,d] the new keys are
+        written at slots `starts` [b] and attention runs over the cache; returns
+        (out [b,t,d], updated kv or None)."""
+        cfg = self.cfg
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            cos, sin = rope
+            q = ops.apply_rope(q, cos, sin, cfg.rope_layout)
+            k = ops.apply_rope(k, cos, sin, cfg.rope_layout)
+        common = dict(causal=True, sliding_window=cfg.sliding_window, scale=cfg.attn_scale,
+                      softcap=cfg.attn_softcap, alibi_slopes=alibi,
+                      implementation=cfg.attention_impl)
+        if kv is None:
+            out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                **common)
+        else:
+            k_buf, v_buf = write_layer(kv[0], k, starts), write_layer(kv[1], v, starts)
+            b, s = k_buf.shape[:2]
+            slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            out = ops.attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype),
+                                q_positions=positions, kv_positions=slots,
+                                kv_lengths=starts + x.shape[1], **common)
+            kv = (k_buf, v_buf)
+        return self.o_proj(out), kv

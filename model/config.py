@@ -1,0 +1,168 @@
+"""The one frozen model Config, validated at construction, and presets of real families."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from jaxlm.ops.activations import ACTIVATIONS
+from jaxlm.ops.rope import LAYOUTS, RopeScaling
+
+NORMS = ("rms", "layer")
+POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every architectural choice of a decoder LM. Fields left None are derived.
+
+    Defaults describe a small Llama-style model (RMSNorm, SwiGLU, RoPE, GQA-capable).
+    """
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None          # None → n_heads (MHA); 1 → MQA
+    head_dim: int | None = None            # None → d_model // n_heads
+    ffn_dim: int = 768
+    activation: str = "silu"
+    gated_mlp: bool = True                 # SwiGLU/GeGLU (act(gate)·up) vs act(up)
+    norm: str = "rms"
+    norm_eps: float = 1e-6
+    post_norm: bool = False                # x = norm(x + f(x)) instead of x + f(norm(x))
+    position: str = "rope"
+    max_position: int = 2048               # learned/sinusoidal table size; cache default
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rope_layout: str = "half"              # "half" (Llama/NeoX) or "interleaved" (GPT-J)
+    rotary_fraction: float = 1.0           # partial rotary: share of head_dim that rotates
+    qk_norm: bool = False                  # RMSNorm on each q/k head before RoPE (Qwen3)
+    qkv_bias: bool = False
+    out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None      # keys within the last w positions (Mistral)
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    attn_scale: float | None = None        # None → head_dim ** -0.5
+    dtype: str = "float32"                 # compute dtype
+    param_dtype: str = "float32"           # storage dtype of the parameters
+    init_std: float = 0.02
+    attention_impl: str = "xla"
+    remat: str = "none"                    # activation rematerialisation per block
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"Config.{field}: {why}")
+
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_position"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, f"must be a positive int, got {getattr(self, f)!r}")
+        kv = self.num_kv_heads
+        if kv < 1 or self.n_heads % kv:
+            bad("n_kv_heads", f"{kv} must divide n_heads={self.n_heads} "
+                              f"(1 = MQA, n_heads = MHA)")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            bad("head_dim", f"d_model={self.d_model} is not divisible by n_heads="
+                            f"{self.n_heads}; set head_dim explicitly")
+        choices = {"activation": tuple(ACTIVATIONS), "norm": NORMS, "position": POSITIONS,
+                   "rope_layout": LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES,
+                   "remat": REMAT, "attention_impl": ATTENTION_IMPLS}
+        for f, allowed in choices.items():
+            if getattr(self, f) not in allowed:
+                bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+        if not 0 < self.rotary_fraction <= 1:
+            bad("rotary_fraction", f"must be in (0, 1], got {self.rotary_fraction}")
+        if self.position == "rope" and self.rotary_dim % 2:
+            bad("rotary_fraction", f"rotary dim {self.rotary_dim} (head_dim × fraction) "
+                                   f"must be even")
+        if self.position == "sinusoidal" and self.d_model % 2:
+            bad("d_model", "sinusoidal positions need an even d_model")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            bad("sliding_window", f"must be >= 1 or None, got {self.sliding_window}")
+        for f in ("attn_softcap", "final_softcap", "norm_eps", "init_std", "rope_theta"):
+            v = getattr(self, f)
+            if v is not None and v <= 0:
+                bad(f, f"must be > 0, got {v}")
+        if isinstance(self.rope_scaling, dict):  # accept the serialised form
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+
+    # Derived sizes -------------------------------------------------------------
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim_per_head * self.rotary_fraction)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    # Serialisation (checkpoints store the config as JSON) ----------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Config: unknown fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Config":
+        return cls.from_dict(json.loads(text))
+
+
+def _llama3_scaling(factor=8.0, original=8192):
+    return RopeScaling(kind="llama3", factor=factor, original_max_position=original,
+                       low_freq_factor=1.0, high_freq_factor=4.0)
+
+
+# Shapes of real families (random init; load real weights with from_hf).
+PRESETS: dict[str, Config] = {
+    "tiny": Config(vocab_size=256, d_model=256, n_layers=4, n_heads=4, n_kv_heads=2,
+                   ffn_dim=768, max_position=1024),
+    "small": Config(vocab_size=256, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2,
+                    ffn_dim=1408, max_position=2048),
+    "llama3-1b": Config(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                        n_kv_heads=8, head_dim=64, ffn_dim=8192, norm_eps=1e-5,
+                        rope_theta=500000.0, rope_scaling=_llama3_scaling(32.0),
+                        max_position=131072, tie_embeddings=True, dtype="bfloat16"),
+    "llama3-8b": Config(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
+                        n_kv_heads=8, ffn_dim=14336, norm_eps=1e-5, rope_theta=500000.0,
+                        rope_scaling=_llama3_scaling(8.0), max_position=131072,
+                        dtype="bfloat16"),
+    "mistral-7b": Config(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32,
+                         n_kv_heads=8, ffn_dim=14336, norm_eps=1e-5, sliding_window=4096,
+                         max_position=32768, dtype="bfloat16"),
+    "qwen2-0.5b": Config(vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
+                         n_kv_heads=2, ffn_dim=4864, qkv_bias=True, rope_theta=1000000.0,
+                         tie_embeddings=True, max_position=32768, dtype="bfloat16"),
+    "qwen3-0.6b": Config(vocab_size=151936, d_model=1024, n_layers=28, n_heads=16,
+                         n_kv_heads=8, head_dim=128, ffn_dim=3072, qk_norm=True,
+                         rope_theta=1000000.0, tie_embeddings=True, max_position=40960,
+                         dtype="bfloat16"),
+    "gpt2": Config(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, ffn_dim=3072,
+                   activation="gelu_tanh", gated_mlp=False, norm="layer", norm_eps=1e-5,
+                   position="learned", max_position=1024, qkv_bias=True, out_bias=True,
+                   mlp_bias=True, tie_embeddings=True),
+}
+
+
+def preset(name: str, **overrides) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
