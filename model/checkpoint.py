@@ -1,0 +1,82 @@
+"""Run directories written by jaxlm's trainer, and the reading inference needs.
+
+    RUN/run.json                 {"model": Config fields, "tokenizer": "byte" | "tokenizer.json", ...}
+    RUN/tokenizer.json           when the run trained a BPE
+    RUN/checkpoints/<step>/      orbax: item "params" (model parameters) plus the
+                                 trainer's own items (optimizer, data position, ...)
+
+Reading never executes code: run.json is JSON and orbax stores arrays, no pickle.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from .config import Config
+from .tokenizer import load_tokenizer
+from .transformer import CausalLM
+
+RUN_FILE = "run.json"
+CHECKPOINTS = "checkpoints"
+PARAMS_ITEM = "params"
+
+
+def write_run_file(run_dir: str, cfg: Config, tokenizer_spec: str, **extra) -> None:
+    os.makedirs(run_dir, exist_ok=True)
+    meta = {"model": cfg.to_dict(), "tokenizer": tokenizer_spec, **extra}
+    tmp = os.path.join(run_dir, RUN_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(meta, f, indent=2)
+    os.replace(tmp, os.path.join(run_dir, RUN_FILE))  # atomic: never half-written
+
+
+def read_run_file(run_dir: str) -> dict:
+    path = os.path.join(run_dir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{run_dir!r} is not a jaxlm run directory (no {RUN_FILE}); "
+                         f"pass the folder that `python -m jaxlm.train` wrote")
+    with open(path) as f:
+        return json.load(f)
+
+
+def checkpoint_manager(run_dir: str, *, read_only: bool = False, max_to_keep=None,
+                       item_names=(PARAMS_ITEM,)) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, read_only=read_only,
+                                           create=not read_only)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, CHECKPOINTS)),
+                                 options=options, item_names=item_names)
+
+
+def params_of(lm: nnx.Module):
+    """The parameters as a plain nested dict of arrays (what orbax stores)."""
+    return nnx.state(lm, nnx.Param).to_pure_dict()
+
+
+def load_run(run_dir: str, step: int | None = None, dtype: str | None = None):
+    """(CausalLM, tokenizer, step) from a trainer run directory; latest step by default."""
+    meta = read_run_file(run_dir)
+    cfg = Config.from_dict(meta["model"])
+    if dtype is not None:
+        cfg = cfg.replace(dtype=dtype)
+    mngr = checkpoint_manager(run_dir, read_only=True)
+    steps = mngr.all_steps()
+    if not steps:
+        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
+    if step is None:
+        step = max(steps)
+    elif step not in steps:
+        raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          nnx.state(abstract, nnx.Param).to_pure_dict())
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))[PARAMS_ITEM]
+    mngr.close()
+    nnx.replace_by_pure_dict(abstract_state, restored)
+    lm = nnx.merge(graphdef, abstract_state)
+    return lm, load_tokenizer(meta["tokenizer"], base_dir=run_dir), step
