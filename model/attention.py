@@ -39,7 +39,7 @@ class Attention(nnx.Module):
             cos, sin = rope
             q = ops.apply_rope(q, cos, sin, cfg.rope_layout)
             k = ops.apply_rope(k, cos, sin, cfg.rope_layout)
-        common = dict(causal=True, sliding_window=cfg.sliding_window, scale=cfg.attn_scale,
+        common = dict(causal=True, sliding_window=cfg.sliding_window, scale=cfg.softmax_scale,
                       softcap=cfg.attn_softcap, alibi_slopes=alibi,
                       implementation=cfg.attention_impl)
         if kv is None:

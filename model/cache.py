@@ -1,5 +1,8 @@
 """KV-cache pytrees: explicit values passed into the model and returned, never module state.
 
+Both caches expose `buffers` (the per-layer arrays, stacked on a leading layer axis)
+and `with_buffers`, which is all the layer scan needs to know about them.
+
 The standard cache stacks every layer's keys and values so the scanned layer loop
 slices one layer per step:
     k [l, b, S, k, d]   v [l, b, S, k, dv]   lengths [b] (positions filled per row)
@@ -48,6 +51,50 @@ class KVCache:
 
     def replace(self, **changes) -> "KVCache":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def buffers(self):
+        return (self.k, self.v)
+
+    def with_buffers(self, buffers, lengths) -> "KVCache":
+        return KVCache(k=buffers[0], v=buffers[1], lengths=lengths)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["latent", "k_rope", "lengths"],
+         meta_fields=[])
+@dataclasses.dataclass
+class MLACache:
+    """MLA cache: latent [l,b,S,r] and the shared RoPE key [l,b,S,dr] per token."""
+    latent: jax.Array
+    k_rope: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "MLACache":
+        if batch < 1 or max_len < 1:
+            raise ValueError(f"MLACache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
+        dtype = jnp.dtype(dtype or cfg.dtype)
+        lead = (cfg.n_layers, batch, max_len)
+        return cls(latent=jnp.zeros((*lead, cfg.kv_lora_rank), dtype),
+                   k_rope=jnp.zeros((*lead, cfg.qk_rope_head_dim), dtype),
+                   lengths=jnp.zeros((batch,), jnp.int32))
+
+    batch = property(lambda self: self.latent.shape[1])
+    max_len = property(lambda self: self.latent.shape[2])
+    nbytes = property(lambda self: self.latent.nbytes + self.k_rope.nbytes)
+    buffers = property(lambda self: (self.latent, self.k_rope))
+
+    def replace(self, **changes) -> "MLACache":
+        return dataclasses.replace(self, **changes)
+
+    def with_buffers(self, buffers, lengths) -> "MLACache":
+        return MLACache(latent=buffers[0], k_rope=buffers[1], lengths=lengths)
+
+
+def create_cache(cfg: Config, batch: int, max_len: int, dtype=None):
+    """The cache the config's attention needs: MLACache for MLA, KVCache otherwise."""
+    kind = MLACache if cfg.attention == "mla" else KVCache
+    return kind.create(cfg, batch, max_len, dtype)
 
 
 def write_layer(buf, new, starts):

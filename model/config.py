@@ -6,13 +6,16 @@ import json
 from typing import Any
 
 from jaxlm.ops.activations import ACTIVATIONS
-from jaxlm.ops.rope import LAYOUTS, RopeScaling
+from jaxlm.ops.rope import LAYOUTS, RopeScaling, yarn_mscale
 
 NORMS = ("rms", "layer")
 POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
 ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
+ATTENTION_KINDS = ("gqa", "mla")
+ROUTERS = ("softmax", "sigmoid")
+DISPATCHES = ("dropless", "capacity", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,30 @@ class Config:
     init_std: float = 0.02
     attention_impl: str = "xla"
     remat: str = "none"                    # activation rematerialisation per block
+    # Multi-head latent attention (DeepSeek-V2/V3) --------------------------------
+    attention: str = "gqa"                 # "gqa" (MHA/GQA/MQA) or "mla"
+    q_lora_rank: int | None = None         # low-rank query; None → full q projection
+    kv_lora_rank: int = 64                 # compressed KV latent width (what the cache holds)
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16             # decoupled RoPE key shared by all heads
+    v_head_dim: int = 32
+    mla_absorb: bool = False               # attend over the latent with folded up-projections
+    # Mixture of experts -----------------------------------------------------------
+    n_experts: int = 0                     # 0 → every layer is a dense MLP
+    n_experts_per_tok: int = 2
+    moe_ffn_dim: int | None = None         # None → ffn_dim
+    n_shared_experts: int = 0              # DeepSeek: shared MLP of n × moe_ffn_dim
+    shared_ffn_dim: int | None = None      # Qwen2-MoE: explicit shared-expert width
+    shared_expert_gate: bool = False       # Qwen2-MoE: sigmoid gate on the shared expert
+    router: str = "softmax"                # "softmax" (Mixtral/Qwen) or "sigmoid" (DeepSeek-V3)
+    norm_topk_prob: bool = True            # renormalise the chosen k weights
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1                       # group-limited routing (DeepSeek-V3)
+    topk_group: int = 1
+    first_k_dense: int = 0                 # the first k layers stay dense (DeepSeek)
+    moe_every: int = 1                     # layer i is MoE when (i + 1) % moe_every == 0 (Qwen)
+    moe_dispatch: str = "dropless"         # "dropless" (ragged_dot), "capacity", "dense"
+    capacity_factor: float = 1.25
 
     def __post_init__(self):
         def bad(field, why):
@@ -70,7 +97,8 @@ class Config:
                             f"{self.n_heads}; set head_dim explicitly")
         choices = {"activation": tuple(ACTIVATIONS), "norm": NORMS, "position": POSITIONS,
                    "rope_layout": LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES,
-                   "remat": REMAT, "attention_impl": ATTENTION_IMPLS}
+                   "remat": REMAT, "attention_impl": ATTENTION_IMPLS,
+                   "attention": ATTENTION_KINDS, "router": ROUTERS, "moe_dispatch": DISPATCHES}
         for f, allowed in choices.items():
             if getattr(self, f) not in allowed:
                 bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
@@ -87,6 +115,26 @@ class Config:
             v = getattr(self, f)
             if v is not None and v <= 0:
                 bad(f, f"must be > 0, got {v}")
+        if self.attention == "mla":
+            for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                if getattr(self, f) < 1:
+                    bad(f, f"must be >= 1 for MLA, got {getattr(self, f)}")
+            if self.qk_rope_head_dim % 2:
+                bad("qk_rope_head_dim", f"must be even, got {self.qk_rope_head_dim}")
+            if self.position != "rope":
+                bad("position", "MLA needs position='rope' (its decoupled key is rotary)")
+        if self.n_experts:
+            if not 1 <= self.n_experts_per_tok <= self.n_experts:
+                bad("n_experts_per_tok", f"must be in [1, n_experts={self.n_experts}], "
+                                         f"got {self.n_experts_per_tok}")
+            if self.n_experts % self.n_group:
+                bad("n_group", f"{self.n_group} must divide n_experts={self.n_experts}")
+            if not 1 <= self.topk_group <= self.n_group:
+                bad("topk_group", f"must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            if self.moe_every < 1:
+                bad("moe_every", f"must be >= 1, got {self.moe_every}")
+            if self.capacity_factor <= 0:
+                bad("capacity_factor", f"must be > 0, got {self.capacity_factor}")
         if isinstance(self.rope_scaling, dict):  # accept the serialised form
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 
@@ -101,7 +149,38 @@ class Config:
 
     @property
     def rotary_dim(self) -> int:
+        if self.attention == "mla":
+            return self.qk_rope_head_dim
         return int(self.dim_per_head * self.rotary_fraction)
+
+    @property
+    def softmax_scale(self) -> float:
+        """The attention logit scale: attn_scale if set, else 1/sqrt(q·k dim).
+
+        MLA with YaRN also multiplies by mscale(factor, mscale_all_dim)², as DeepSeek does."""
+        if self.attn_scale is not None:
+            return self.attn_scale
+        if self.attention != "mla":
+            return self.dim_per_head ** -0.5
+        scale = (self.qk_nope_head_dim + self.qk_rope_head_dim) ** -0.5
+        sc = self.rope_scaling
+        if sc is not None and sc.kind != "default" and sc.mscale_all_dim:
+            scale *= yarn_mscale(sc.factor, sc.mscale_all_dim) ** 2
+        return scale
+
+    def is_moe_layer(self, i: int) -> bool:
+        return bool(self.n_experts) and i >= self.first_k_dense and (i + 1) % self.moe_every == 0
+
+    def layer_groups(self) -> list[tuple[bool, int]]:
+        """Runs of consecutive identical layers as (is_moe, count); each run is one scan."""
+        groups: list[tuple[bool, int]] = []
+        for i in range(self.n_layers):
+            moe = self.is_moe_layer(i)
+            if groups and groups[-1][0] == moe:
+                groups[-1] = (moe, groups[-1][1] + 1)
+            else:
+                groups.append((moe, 1))
+        return groups
 
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
