@@ -1,0 +1,114 @@
+"""KV-cache memory planner: bytes per token and per context for MHA, GQA, MQA and MLA.
+
+    python -m jaxlm.model.memory --preset llama3-70b --context 4096
+    python -m jaxlm.model.memory --hf-config path/to/config.json --dtype bfloat16
+
+Per token and layer a standard cache stores K and V: 2 · kv_heads · head_dim numbers
+(MHA: kv_heads = heads; MQA: 1). MLA stores the latent and the shared RoPE key:
+kv_lora_rank + qk_rope_head_dim numbers. What the same model would need as MHA is
+shown beside it, so the saving is explicit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from .config import PRESETS, Config
+
+
+def _numbers_per_token_layer(cfg: Config, layout: str) -> int:
+    if layout == "mla":
+        return cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    if cfg.attention == "mla":  # the per-head K and V that MLA would otherwise cache
+        k_dim, v_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        k_dim = v_dim = cfg.dim_per_head
+    heads = {"mha": cfg.n_heads, "gqa": cfg.num_kv_heads, "mqa": 1}[layout]
+    return heads * (k_dim + v_dim)
+
+
+def kv_bytes_per_token(cfg: Config, layout: str | None = None, dtype: str | None = None) -> int:
+    """Cache bytes per token over all layers. layout: None (as configured), 'mha',
+    'gqa', 'mqa' or 'mla'; dtype defaults to the config's compute dtype."""
+    if layout is None:
+        layout = "mla" if cfg.attention == "mla" else "gqa"
+    if layout not in ("mha", "gqa", "mqa", "mla"):
+        raise ValueError(f"layout={layout!r}; choose mha, gqa, mqa or mla")
+    itemsize = np.dtype(_np_dtype(dtype or cfg.dtype)).itemsize
+    return cfg.n_layers * _numbers_per_token_layer(cfg, layout) * itemsize
+
+
+def _np_dtype(name: str):
+    import jax.numpy as jnp  # bfloat16 is known to numpy through ml_dtypes via jax
+    return jnp.dtype(name)
+
+
+def plan(cfg: Config, context: int, dtype: str | None = None) -> list[dict]:
+    """Rows of {layout, bytes_per_token, bytes_for_context} worth comparing for cfg."""
+    layouts = ["mha", "mla"] if cfg.attention == "mla" else ["mha", "gqa", "mqa"]
+    configured = "mla" if cfg.attention == "mla" else ("mha" if cfg.num_kv_heads == cfg.n_heads
+                                                       else "gqa")
+    rows = []
+    for layout in layouts:
+        per_token = kv_bytes_per_token(cfg, layout, dtype)
+        rows.append({"layout": layout, "configured": layout == configured,
+                     "bytes_per_token": per_token, "bytes_for_context": per_token * context})
+    return rows
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} B"
+
+
+def format_table(name: str, cfg: Config, context: int, dtype: str | None = None) -> str:
+    lines = [f"{name}: {cfg.n_layers} layers, {cfg.n_heads} heads, "
+             f"{'MLA' if cfg.attention == 'mla' else f'{cfg.num_kv_heads} kv heads'}, "
+             f"{dtype or cfg.dtype}",
+             f"{'layout':<8} {'per token':>12} {f'{context} tokens':>16}"]
+    for row in plan(cfg, context, dtype):
+        mark = " (as configured)" if row["configured"] else ""
+        lines.append(f"{row['layout']:<8} {_human(row['bytes_per_token']):>12} "
+                     f"{_human(row['bytes_for_context']):>16}{mark}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jaxlm.model.memory", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help=f"one of {sorted(PRESETS)}")
+    src.add_argument("--hf-config", help="a Hugging Face config.json")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--dtype", default=None, help="cache dtype (default: the model's)")
+    args = p.parse_args(argv)
+    try:
+        if args.context < 1:
+            raise ValueError(f"--context must be >= 1, got {args.context}")
+        if args.preset:
+            if args.preset not in PRESETS:
+                raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+            name, cfg = args.preset, PRESETS[args.preset]
+        else:
+            from .hf import config_from_hf
+            try:
+                with open(args.hf_config) as f:
+                    hf = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ValueError(f"cannot read --hf-config {args.hf_config!r}: {e}") from None
+            name, cfg = args.hf_config, config_from_hf(hf)
+        print(format_table(name, cfg, args.context, args.dtype))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
