@@ -1,0 +1,123 @@
+"""One mesh, one table of rules: logical axis names → mesh axes.
+
+Parameters carry logical names ('embed', 'heads', 'mlp', …) as NNX metadata; the
+activations and caches use the names below. Model maths never mentions a mesh
+axis: sharding is JAX's own runtime (jax.jit with NamedSharding over a Mesh).
+
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    lm = create_sharded(cfg, mesh)           # parameters born sharded, never gathered
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert", "sequence")
+
+# logical name → mesh axes it may be split over (in order); None = replicated.
+DEFAULT_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp", "expert"),   # activations and caches: rows
+    "embed": ("fsdp",),                    # FSDP shards the model width of every weight
+    "vocab": ("tensor",),
+    "heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "mlp": ("tensor",),
+    "expert": ("expert",),
+    "length": ("sequence",),               # activations' time / cache slots
+    "layers": None,
+    "head_dim": None,
+    "q_lora": None,
+    "kv_lora": None,
+}
+
+
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """'data=2,fsdp=2,tensor=2' → {'data': 2, 'fsdp': 2, 'tensor': 2}; one size may be -1."""
+    sizes: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, size = part.partition("=")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh axis {name!r} in {spec!r} is unknown; use {MESH_AXES}")
+        if name in sizes:
+            raise ValueError(f"mesh axis {name!r} appears twice in {spec!r}")
+        try:
+            sizes[name] = int(size)
+        except ValueError:
+            raise ValueError(f"mesh spec {spec!r}: write axis=size, e.g. data=2,tensor=4") from None
+        if sizes[name] < 1 and sizes[name] != -1:
+            raise ValueError(f"mesh axis {name!r} has size {sizes[name]}; use >= 1 or -1 (the rest)")
+    if not sizes:
+        raise ValueError(f"empty mesh spec {spec!r}; e.g. data=2,fsdp=2,tensor=2")
+    return sizes
+
+
+def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) -> Mesh:
+    """A Mesh over all (or the given) devices with the named axis sizes."""
+    sizes = dict(parse_mesh_spec(spec) if isinstance(spec, str) else spec)
+    devices = list(jax.devices() if devices is None else devices)
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError("only one mesh axis may have size -1")
+    known = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices do not split into {sizes}")
+        sizes[free[0]] = len(devices) // known
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(f"mesh {sizes} needs {math.prod(sizes.values())} devices but "
+                         f"{len(devices)} are available; make the sizes multiply to that")
+    # Auto axes: XLA's partitioner propagates shardings from inputs/outputs, so model
+    # maths needs no per-op sharding annotations (jax.make_mesh defaults to Explicit).
+    auto = (jax.sharding.AxisType.Auto,) * len(sizes)
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices, axis_types=auto)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> P:
+    """The PartitionSpec for one array: each dim takes the mesh axes its rule lists,
+    skipping axes already used, absent from the mesh, or that do not divide the dim."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        axes = []
+        for axis in (rules.get(name) or ()) if name is not None else ():
+            if axis in used or axis not in mesh.shape or mesh.shape[axis] == 1:
+                continue
+            if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]):
+                continue
+            axes.append(axis)
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for every variable of an (abstract) NNX state, from its metadata."""
+    def one(var):
+        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(cfg, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES):
+    """A CausalLM whose parameters are created directly in their shards (jit out_shardings)."""
+    from .transformer import CausalLM
+
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init():
+        return nnx.state(CausalLM(cfg, nnx.Rngs(seed)))
+
+    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+
+
+def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int],
+                        rules=DEFAULT_RULES) -> NamedSharding:
+    """Sharding of an activation/cache/batch array from logical names, e.g. ('batch', 'length')."""
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
