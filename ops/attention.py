@@ -165,9 +165,12 @@ def attention(q, k, v, *, causal: bool = False, sliding_window: int | None = Non
             segments_given=q_segment_ids is not None or kv_segment_ids is not None)
     if implementation == "pallas":
         from .pallas import dispatch as _pallas  # lazy: Pallas import is heavy
+        # Positions go through only when given: default (aligned) positions let the
+        # kernels use static tile bounds and TPU splash attention.
         return _pallas.attention(
             q, k, v, causal=causal, sliding_window=sliding_window,
-            q_positions=q_positions, kv_positions=kv_positions,
+            q_positions=q_positions if positions_given else None,
+            kv_positions=kv_positions if positions_given else None,
             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
             kv_lengths=kv_lengths, scale=scale, softcap=softcap,
             alibi_slopes=alibi_slopes)
