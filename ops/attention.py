@@ -112,6 +112,12 @@ def _cudnn_attention(q, k, v, *, causal, sliding_window, scale, kv_lengths,
         raise ValueError(
             f"implementation='cudnn' does not support {', '.join(unsupported)}; "
             f"use implementation='xla' (or 'pallas')")
+    if (causal or sliding_window is not None) and q.shape[1] != k.shape[1]:
+        # jax.nn.dot_product_attention aligns its causal mask with the *first* t keys,
+        # while jaxlm's queries are the *last* t of s (cached decode, chunked prefill).
+        raise ValueError(
+            f"implementation='cudnn' supports causal/windowed masks only for t == s "
+            f"(got t={q.shape[1]}, s={k.shape[1]}); use implementation='xla' or 'pallas'")
     window = None
     if sliding_window is not None:
         window = (sliding_window - 1, 0 if causal else sliding_window - 1)
