@@ -280,7 +280,8 @@ def hf_config_from(cfg: Config) -> dict[str, Any]:
 
 # Tensor layout rules ----------------------------------------------------------------
 Path = tuple[str | int, ...]
-_B = ("blocks", 0)  # dense families are one run of identical layers: the first scan group
+_G = "<group>"      # stands for the scan group that holds layer i (resolved per layer)
+_B = ("blocks", _G)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,6 +293,7 @@ class _Rule:
     shape: tuple[int, ...]
     load: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     save: Callable[[tuple[np.ndarray, ...]], np.ndarray]
+    layers: tuple[int, ...] | None = None  # per-layer rules: only these layers (None = all)
 
     @property
     def per_layer(self) -> bool:
@@ -382,8 +384,23 @@ def _rules(family: str, cfg: Config) -> list[_Rule]:
     return _gpt2_rules(cfg) if family == "gpt2" else _llama_rules(cfg)
 
 
-def _names(rule: _Rule, n_layers: int) -> list[str]:
-    return [rule.hf.format(i=i) for i in range(n_layers)] if rule.per_layer else [rule.hf]
+def _layer_slots(cfg: Config) -> list[tuple[int, int]]:
+    """Layer i → (scan group, index inside the group)."""
+    return [(g, j) for g, (_, n) in enumerate(cfg.layer_groups()) for j in range(n)]
+
+
+def _at(path: Path, group: int) -> Path:
+    return tuple(group if part == _G else part for part in path)
+
+
+def _layers(rule: _Rule, cfg: Config) -> list[int | None]:
+    if not rule.per_layer:
+        return [None]
+    return list(range(cfg.n_layers) if rule.layers is None else rule.layers)
+
+
+def _names(rule: _Rule, cfg: Config) -> list[str]:
+    return [rule.hf if i is None else rule.hf.format(i=i) for i in _layers(rule, cfg)]
 
 
 # safetensors, read without pickle ---------------------------------------------------
@@ -455,7 +472,7 @@ def _canonical(tensors: dict[str, _Tensor], family: str) -> dict[str, tuple[str,
 
 def _check(rules, tensors, cfg: Config) -> None:
     """One ValueError naming every missing, unexpected and wrongly shaped tensor."""
-    expected = {n: r.shape for r in rules for n in _names(r, cfg.n_layers)}
+    expected = {n: r.shape for r in rules for n in _names(r, cfg)}
     missing = sorted(n for n in expected if n not in tensors)
     shapes = sorted(f"{tensors[n][0]}: expected {list(s)}, got {list(tensors[n][1].shape)}"
                     for n, s in expected.items() if n in tensors and tensors[n][1].shape != s)
@@ -469,19 +486,22 @@ def _check(rules, tensors, cfg: Config) -> None:
 
 
 def _convert(rules, tensors, cfg: Config) -> dict[Path, np.ndarray]:
-    """Every Param's full value (layers stacked), in the param dtype."""
-    dtype, n = jnp.dtype(cfg.param_dtype), cfg.n_layers
+    """Every Param's full value (layers stacked per scan group), in the param dtype."""
+    dtype, slots = jnp.dtype(cfg.param_dtype), _layer_slots(cfg)
+    sizes = [n for _, n in cfg.layer_groups()]
     out: dict[Path, np.ndarray] = {}
     for rule in rules:
-        for i, name in enumerate(_names(rule, n)):
+        for i, name in zip(_layers(rule, cfg), _names(rule, cfg)):
             parts = rule.load(tensors[name][1].read())
             for path, part in zip(rule.paths, parts):
-                if not rule.per_layer:
+                if i is None:
                     out[path] = part.astype(dtype)
                     continue
-                if path not in out:
-                    out[path] = np.empty((n, *part.shape), dtype)
-                out[path][i] = part
+                g, j = slots[i]
+                where = _at(path, g)
+                if where not in out:
+                    out[where] = np.empty((sizes[g], *part.shape), dtype)
+                out[where][j] = part
     return out
 
 
@@ -535,11 +555,13 @@ def to_hf(lm: CausalLM, path: str, dtype=None) -> None:
     hf = hf_config_from(cfg)
     dtype = _dtype_name(dtype or cfg.param_dtype)
     hf["dtype"] = dtype
-    params = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(lm, nnx.Param))}
+    params = {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(lm))}
     tensors = {}
+    slots = _layer_slots(cfg)
     for rule in _rules(hf["model_type"], cfg):
-        for i, name in enumerate(_names(rule, cfg.n_layers)):
-            parts = tuple(params[p][i] if rule.per_layer else params[p] for p in rule.paths)
+        for i, name in zip(_layers(rule, cfg), _names(rule, cfg)):
+            parts = tuple(params[p] if i is None else params[_at(p, slots[i][0])][slots[i][1]]
+                          for p in rule.paths)
             tensors[name] = np.ascontiguousarray(rule.save(parts).astype(jnp.dtype(dtype)))
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as fh:
