@@ -6,3 +6,8 @@ from .attention import (alibi_bias, attention, attention_mask, default_positions
 from .norms import layer_norm, rms_norm
 from .positional import alibi_slopes, sinusoidal_positions
 from .rope import RopeScaling, apply_rope, rope_cos_sin, rope_frequencies, yarn_mscale
+from .moe import (Routing, add_shared_experts, capacity_dispatch, combine_weights,
+                  expert_capacity, expert_load, group_limited_topk, load_balance_loss,
+                  moe_capacity, moe_dense, moe_dropless, routed_experts, router_logits,
+                  router_z_loss, sigmoid_topk_router, softmax_topk_router,
+                  update_router_bias)

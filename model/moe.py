@@ -1,0 +1,79 @@
+"""Mixture-of-experts feed-forward layer: router, routed experts, optional shared expert.
+
+The maths lives in jaxlm.ops.moe; this module holds the parameters and returns the
+balance losses beside the output (never in module state):
+    y, aux = moe(x)      aux = {load_balance_loss, router_z_loss, dropped_fraction, expert_load}
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxlm.ops import moe as moe_ops
+
+from .config import Config
+from .layers import make_param, residual_std
+
+
+class RouterBias(nnx.Variable):
+    """DeepSeek-V3's per-expert selection bias: not trained by gradients, moved by
+    ops.moe.update_router_bias toward balanced load."""
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+        e, d = cfg.n_experts, cfg.d_model
+        f = cfg.moe_ffn_dim or cfg.ffn_dim
+        self.cfg = cfg
+        self.router = make_param(rngs, (d, e), ("embed", "expert"), "normal", cfg)
+        self.router_bias = (RouterBias(jnp.zeros((e,), jnp.float32), sharding_names=("expert",),
+                                       eager_sharding=False)
+                            if cfg.router == "sigmoid" else None)
+        experts = lambda shape, axes, std=None: make_param(rngs, shape, axes, "normal", cfg, std)  # noqa: E731
+        self.gate = experts((e, d, f), ("expert", "embed", "mlp")) if cfg.gated_mlp else None
+        self.up = experts((e, d, f), ("expert", "embed", "mlp"))
+        self.down = experts((e, f, d), ("expert", "mlp", "embed"), residual_std(cfg))
+        shared_f = cfg.shared_ffn_dim or cfg.n_shared_experts * f
+        if shared_f:
+            dense = lambda shape, axes, std=None: make_param(rngs, shape, axes, "normal", cfg, std)  # noqa: E731
+            self.shared_gate_proj = dense((d, shared_f), ("embed", "mlp")) if cfg.gated_mlp else None
+            self.shared_up = dense((d, shared_f), ("embed", "mlp"))
+            self.shared_down = dense((shared_f, d), ("mlp", "embed"), residual_std(cfg))
+        else:
+            self.shared_gate_proj = self.shared_up = self.shared_down = None
+        self.shared_expert_gate = (make_param(rngs, (d,), ("embed",), "normal", cfg)
+                                   if shared_f and cfg.shared_expert_gate else None)
+
+    def route(self, x):
+        """Routing for flattened tokens x [n,d]."""
+        cfg = self.cfg
+        logits = moe_ops.router_logits(x, self.router[...])
+        if cfg.router == "sigmoid":
+            return moe_ops.sigmoid_topk_router(
+                logits, cfg.n_experts_per_tok, bias=self.router_bias[...],
+                norm_topk_prob=cfg.norm_topk_prob, routed_scaling_factor=cfg.routed_scaling_factor,
+                n_group=cfg.n_group, topk_group=cfg.topk_group)
+        return moe_ops.softmax_topk_router(
+            logits, cfg.n_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor)
+
+    def __call__(self, x):
+        cfg = self.cfg
+        b, t, d = x.shape
+        dtype = x.dtype
+        xf = x.reshape(b * t, d)
+        routing = self.route(xf)
+        w = lambda p: None if p is None else p[...].astype(dtype)  # noqa: E731
+        y, dropped = moe_ops.routed_experts(
+            xf, routing, w(self.gate), w(self.up), w(self.down), dispatch=cfg.moe_dispatch,
+            activation=cfg.activation, capacity_factor=cfg.capacity_factor)
+        if self.shared_up is not None:
+            y = moe_ops.add_shared_experts(
+                y, xf, w(self.shared_gate_proj), w(self.shared_up), w(self.shared_down),
+                activation=cfg.activation, w_shared_gate=w(self.shared_expert_gate))
+        load = moe_ops.expert_load(routing.experts, cfg.n_experts)
+        aux = {"load_balance_loss": moe_ops.load_balance_loss(routing.probs, routing.experts),
+               "router_z_loss": moe_ops.router_z_loss(routing.logits),
+               "dropped_fraction": dropped,
+               "expert_load": load / load.sum()}
+        return y.reshape(b, t, d), aux
