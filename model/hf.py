@@ -33,15 +33,18 @@ from flax import nnx
 from jaxlm.ops.rope import RopeScaling
 
 from .config import DTYPES, Config
+from .hf_moe import FAMILIES as MOE_FAMILIES, expert_rules, family_of, hf_fields, mla_rules
+from .hf_moe import moe_fields, moe_wrong
 from .transformer import CausalLM
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "gpt2": "GPT2LMHeadModel"}
-_PREFIX = {"llama": "model.", "mistral": "model.", "qwen2": "model.", "qwen3": "model.",
-           "gpt2": "transformer."}
+                 "gpt2": "GPT2LMHeadModel", **MOE_FAMILIES}
+_PREFIX = {**{f: "model." for f in ARCHITECTURES}, "gpt2": "transformer."}
 # HF defaults for keys a config.json may leave out (transformers' config classes).
-_MAX_POSITION = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768}
+_MAX_POSITION = {"llama": 2048, "mistral": 131072, "qwen2": 32768, "qwen3": 32768,
+                 "mixtral": 131072, "qwen2_moe": 32768, "qwen3_moe": 32768,
+                 "deepseek_v3": 4096}
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "relu": "relu",
                 "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_fast": "gelu_tanh"}
@@ -163,6 +166,8 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> Config:
         _no_sliding_layers(hf, family)
         bias = bool(hf.get("attention_bias", False))
         fields.update(qk_norm=True, qkv_bias=bias, out_bias=bias)
+    elif family in MOE_FAMILIES:
+        fields.update(moe_fields(hf, family))
     return Config(**fields)
 
 
@@ -188,9 +193,11 @@ def _gpt2_config(hf: Mapping[str, Any], dtype: str) -> Config:
 # Config: jaxlm → HF dict ----------------------------------------------------------
 def _pick_family(cfg: Config) -> tuple[str, list[str]]:
     """The HF family that can hold cfg, and what it cannot represent (empty when exact)."""
-    wrong = [f"{f}={getattr(cfg, f)!r}" for f, ok in (
-        ("post_norm", False), ("attn_softcap", None), ("final_softcap", None),
-        ("attention", "gqa"), ("n_experts", 0)) if getattr(cfg, f) != ok]
+    moe_family = family_of(cfg)
+    plain = (("post_norm", False), ("attn_softcap", None), ("final_softcap", None))
+    if moe_family is None:
+        plain += (("attention", "gqa"), ("n_experts", 0))
+    wrong = [f"{f}={getattr(cfg, f)!r}" for f, ok in plain if getattr(cfg, f) != ok]
     scale_ok = cfg.attn_scale is None or math.isclose(cfg.attn_scale, cfg.dim_per_head ** -0.5)
     if cfg.position == "learned":
         bias = cfg.qkv_bias and cfg.out_bias and cfg.mlp_bias
@@ -209,16 +216,22 @@ def _pick_family(cfg: Config) -> tuple[str, list[str]]:
                                 f"'learned')"]
     family = ("qwen3" if cfg.qk_norm else "mistral" if cfg.sliding_window is not None
               else "qwen2" if cfg.qkv_bias and not cfg.out_bias else "llama")
+    if moe_family is not None:
+        family = moe_family
+        wrong += moe_wrong(cfg, family)
     wrong += [why for why, bad in (
         ("norm must be 'rms'", cfg.norm != "rms"),
         ("gated_mlp must be True", not cfg.gated_mlp),
-        ("rope_layout must be 'half'", cfg.rope_layout != "half"),
+        ("rope_layout must be 'half'", cfg.rope_layout != "half" and family != "deepseek_v3"),
         ("rotary_fraction must be 1", cfg.rotary_fraction != 1),
         ("attn_scale must be None", not scale_ok),
-        ("qkv_bias must equal out_bias", family in ("llama", "qwen3")
+        ("qkv_bias must equal out_bias", family in ("llama", "qwen3", "qwen3_moe", "deepseek_v3")
          and cfg.qkv_bias != cfg.out_bias),
-        ("no biases allowed", family == "mistral" and (cfg.qkv_bias or cfg.out_bias)),
-        ("sliding_window must be None", family == "qwen3" and cfg.sliding_window is not None),
+        ("no biases allowed", family in ("mistral", "mixtral") and (cfg.qkv_bias or cfg.out_bias)),
+        ("qkv_bias must be True and out_bias False", family == "qwen2_moe"
+         and (not cfg.qkv_bias or cfg.out_bias)),
+        ("sliding_window must be None", family not in ("mistral", "mixtral")
+         and cfg.sliding_window is not None),
         ("mlp_bias must be False", family != "llama" and cfg.mlp_bias)) if bad]
     return family, wrong
 
@@ -275,6 +288,8 @@ def hf_config_from(cfg: Config) -> dict[str, Any]:
         hf.update(use_sliding_window=False, sliding_window=None)
         if family == "qwen3":
             hf.update(attention_bias=cfg.qkv_bias)
+    if family in MOE_FAMILIES:
+        hf.update(hf_fields(cfg, family))
     return hf
 
 
@@ -294,6 +309,8 @@ class _Rule:
     load: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     save: Callable[[tuple[np.ndarray, ...]], np.ndarray]
     layers: tuple[int, ...] | None = None  # per-layer rules: only these layers (None = all)
+    index: tuple[int, ...] = ()            # where inside one layer's slice (e.g. expert j)
+    slot_shape: tuple[int, ...] | None = None  # that slice's full shape when index is set
 
     @property
     def per_layer(self) -> bool:
@@ -380,8 +397,29 @@ def _gpt2_rules(cfg: Config) -> list[_Rule]:
     return rules
 
 
+def _moe_rules(family: str, cfg: Config) -> list[_Rule]:
+    """Llama-style rules with MLA attention (DeepSeek) and experts on the MoE layers."""
+    base = _llama_rules(cfg)
+    is_mlp, is_attn = (lambda r: ".mlp." in r.hf), (lambda r: ".self_attn." in r.hf)
+    attn = ([r for r in base if is_attn(r)] if family != "deepseek_v3" else
+            mla_rules("model.layers.{i}.", cfg, _linear, _vector))
+    moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
+    dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
+    return ([r for r in base if not is_mlp(r) and not is_attn(r)] + attn
+            + only(dense, [r for r in base if is_mlp(r)])
+            + only(moe, expert_rules(_Rule, "model.layers.{i}." + (
+                "block_sparse_moe." if family == "mixtral" else "mlp."), cfg, _linear, _vector)))
+
+
 def _rules(family: str, cfg: Config) -> list[_Rule]:
+    if family in MOE_FAMILIES:
+        return _moe_rules(family, cfg)
     return _gpt2_rules(cfg) if family == "gpt2" else _llama_rules(cfg)
+
+
+def only(layers, rules: list[_Rule]) -> list[_Rule]:
+    """The same rules restricted to some layers (dense vs MoE layers of one model)."""
+    return [dataclasses.replace(r, layers=tuple(layers)) for r in rules]
 
 
 def _layer_slots(cfg: Config) -> list[tuple[int, int]]:
@@ -500,8 +538,8 @@ def _convert(rules, tensors, cfg: Config) -> dict[Path, np.ndarray]:
                 g, j = slots[i]
                 where = _at(path, g)
                 if where not in out:
-                    out[where] = np.empty((sizes[g], *part.shape), dtype)
-                out[where][j] = part
+                    out[where] = np.empty((sizes[g], *(rule.slot_shape or part.shape)), dtype)
+                out[where][(j, *rule.index)] = part
     return out
 
 
@@ -560,7 +598,8 @@ def to_hf(lm: CausalLM, path: str, dtype=None) -> None:
     slots = _layer_slots(cfg)
     for rule in _rules(hf["model_type"], cfg):
         for i, name in zip(_layers(rule, cfg), _names(rule, cfg)):
-            parts = tuple(params[p] if i is None else params[_at(p, slots[i][0])][slots[i][1]]
+            parts = tuple(params[p] if i is None else
+                          params[_at(p, slots[i][0])][(slots[i][1], *rule.index)]
                           for p in rule.paths)
             tensors[name] = np.ascontiguousarray(rule.save(parts).astype(jnp.dtype(dtype)))
     os.makedirs(path, exist_ok=True)

@@ -169,8 +169,8 @@ def test_unsupported_hf_configs_raise(hf, match):
     (Config(position="alibi"), "position"),
     (Config(post_norm=True), "post_norm"),
     (Config(rope_layout="interleaved"), "rope_layout"),
-    (Config(attention="mla"), "attention"),
-    (Config(n_experts=4), "n_experts"),
+    (Config(attention="mla"), "sigmoid"),               # MLA exists in HF only as DeepSeek-V3
+    (Config(n_experts=4, first_k_dense=1), "first_k_dense"),  # Mixtral has no dense layers
     (Config(sliding_window=8, qkv_bias=True, out_bias=True), "biases"),
     (preset("gpt2", n_kv_heads=4), "n_kv_heads"),
 ])
