@@ -1,0 +1,64 @@
+"""The trainer's checkpoints: orbax, asynchronous, atomic, the newest K kept.
+
+Each step folder RUN/checkpoints/<step>/ holds three items:
+    params   the model parameters (what `jaxlm.model.checkpoint.load_run` reads)
+    train    the rest of the TrainState: optax state, step, PRNG key, loss scale
+    data     the data iterator's position, JSON ({"next_index": n})
+Orbax writes each step into a temporary folder and renames it when complete, so a
+process killed mid-save leaves the previous checkpoints intact and no half step.
+"""
+from __future__ import annotations
+
+import jax
+import orbax.checkpoint as ocp
+from flax import serialization
+
+from jaxlm.model.checkpoint import PARAMS_ITEM, checkpoint_manager
+
+from .step import TrainState
+
+TRAIN_ITEM, DATA_ITEM = "train", "data"
+ITEMS = (PARAMS_ITEM, TRAIN_ITEM, DATA_ITEM)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, keep: int):
+        self.mngr = checkpoint_manager(run_dir, max_to_keep=keep, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, state: TrainState, data_state: dict) -> None:
+        """Starts an asynchronous save of this step (arrays are copied to host before
+        this returns, so the state may be donated to the next step at once)."""
+        step = int(state.step)
+        if step in self.mngr.all_steps():
+            return
+        rest = serialization.to_state_dict(state.replace(params=None))
+        self.mngr.save(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardSave(state.params),
+            TRAIN_ITEM: ocp.args.StandardSave(rest),
+            DATA_ITEM: ocp.args.JsonSave(data_state)}))
+
+    def restore(self, template: TrainState, step: int | None = None):
+        """(TrainState, data iterator state) of `step` (default: the latest), shaped like
+        `template` (an initialised state of the same config)."""
+        step = self.latest_step() if step is None else step
+        rest = serialization.to_state_dict(template.replace(params=None))
+        got = self.mngr.restore(step, args=ocp.args.Composite(**{
+            PARAMS_ITEM: ocp.args.StandardRestore(_abstract(template.params)),
+            TRAIN_ITEM: ocp.args.StandardRestore(_abstract(rest)),
+            DATA_ITEM: ocp.args.JsonRestore()}))
+        state = serialization.from_state_dict(template.replace(params=None), got[TRAIN_ITEM])
+        return state.replace(params=got[PARAMS_ITEM]), got[DATA_ITEM]
+
+    def wait(self) -> None:
+        self.mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self.mngr.wait_until_finished()
+        self.mngr.close()

@@ -1,0 +1,212 @@
+"""The trainer's settings, and the one command-line convention that overrides them.
+
+    python -m jaxlm.train [--FIELD VALUE | --FIELD=VALUE]... [--model.FIELD VALUE]...
+
+`--FIELD` sets a TrainConfig field below (`--steps 500`, `--corpus ./docs`);
+`--model.FIELD` sets a field of the model Config chosen by `--preset`
+(`--model.d_model 128`, `--model.dtype bfloat16`). A flag with no value sets a
+boolean field to true (`--resume`). Values are read as JSON where they parse
+(numbers, true/false, null, {"kind": "yarn", ...}) and as plain strings otherwise.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from typing import Any
+
+from jaxlm.model import PRESETS, Config
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # What to train ---------------------------------------------------------------
+    preset: str = "tiny"             # a key of jaxlm.model.PRESETS; --model.FIELD refines it
+    corpus: str = "stdlib"           # "stdlib", a text file, a folder, a .jsonl, or .bin tokens
+    tokenizer: str = "byte"          # "byte", "bpe:N" (train N tokens), or a tokenizer.json path
+    jsonl_field: str = "text"        # the JSONL key holding each document's text
+    bin_dtype: str = "uint16"        # element type of pre-tokenized .bin files (or uint32)
+    val_fraction: float = 0.05       # held out by file (by tail for one file / one .bin)
+    # Batches ------------------------------------------------------------------------
+    seq_len: int = 128               # tokens per packed sequence
+    batch_size: int = 16             # sequences per micro-batch
+    grad_accum: int = 1              # micro-batches summed into one optimizer step
+    steps: int = 200                 # optimizer steps in all (a resumed run counts from 0)
+    seed: int = 0                    # parameters, data order and the step RNG
+    # Optimizer (AdamW, linear warmup then cosine decay) -----------------------------------
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1        # the cosine ends at lr × this
+    warmup_steps: int = 20
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1        # never applied to norm scales and biases
+    decay_embeddings: bool = True    # false: embeddings join the no-decay group too
+    clip_norm: float = 1.0           # global gradient norm limit; 0 turns clipping off
+    z_loss: float = 0.0              # weight of mean(logsumexp(logits)²), e.g. 1e-4
+    aux_loss_weight: float = 0.01    # weight of every model aux entry named "*_loss" (MoE)
+    aux_loss_weights: str = ""       # per-entry weights, "load_balance_loss=0.01,z_loss=1e-3"
+    loss_scale: str = "auto"         # "dynamic", "none", or "auto" (dynamic iff float16 compute)
+    # Checkpoints, evaluation, output --------------------------------------------------------
+    run_dir: str = ""                # default runs/<preset>-<timestamp>
+    resume: bool = False             # continue the latest checkpoint of run_dir (or newest run)
+    checkpoint_every: int = 50
+    keep: int = 3                    # checkpoints kept (the newest K)
+    eval_every: int = 50
+    eval_batches: int = 4
+    log_every: int = 10              # metrics.jsonl lines (the bar updates every step)
+    sample_tokens: int = 200         # generated at the end; 0 skips the sample
+    sample_prompt: str = "def "
+    progress: bool = True            # the progress bar (metrics.jsonl is always written)
+    plot: bool = True                # loss.png at the end
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"--{field}: {why}")
+
+        if self.preset not in PRESETS:
+            bad("preset", f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        for f in ("seq_len", "batch_size", "grad_accum", "steps", "checkpoint_every", "keep",
+                  "eval_every", "eval_batches", "log_every"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, f"must be a positive integer, got {getattr(self, f)!r}")
+        for f in ("warmup_steps", "sample_tokens", "seed"):
+            if getattr(self, f) < 0:
+                bad(f, f"must be >= 0, got {getattr(self, f)}")
+        if not 0 <= self.val_fraction < 1:
+            bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.lr <= 0:
+            bad("lr", f"must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for f in ("weight_decay", "clip_norm", "z_loss", "aux_loss_weight", "eps"):
+            if getattr(self, f) < 0:
+                bad(f, f"must be >= 0, got {getattr(self, f)}")
+        if self.loss_scale not in ("auto", "dynamic", "none"):
+            bad("loss_scale", f"{self.loss_scale!r} is not one of auto, dynamic, none")
+        if self.bin_dtype not in ("uint16", "uint32"):
+            bad("bin_dtype", f"{self.bin_dtype!r} is not uint16 or uint32")
+        self.aux_weights()  # parse errors surface now, not mid-run
+
+    def aux_weights(self) -> dict[str, float]:
+        """The per-entry aux-loss weights given by aux_loss_weights."""
+        out = {}
+        for part in filter(None, (p.strip() for p in self.aux_loss_weights.split(","))):
+            name, eq, value = part.partition("=")
+            try:
+                out[name.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"--aux_loss_weights: write name=weight pairs separated by "
+                                 f"commas, e.g. load_balance_loss=0.01; got {part!r}") from None
+            if not eq or not name.strip().endswith("_loss"):
+                raise ValueError(f"--aux_loss_weights: {part!r} must be NAME_loss=weight")
+        return out
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Fields a resumed run may change; any other difference makes resuming an error,
+# since it would change the parameters' shapes, the data order or the tokens.
+RESUME_MAY_CHANGE = frozenset({
+    "steps", "run_dir", "resume", "checkpoint_every", "keep", "eval_every", "eval_batches",
+    "log_every", "sample_tokens", "sample_prompt", "progress", "plot",
+})
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _parse_value(text: str) -> Any:
+    low = text.strip().lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _coerce(owner: str, name: str, field: dataclasses.Field, value: Any, hints) -> Any:
+    """Check a parsed value against the field's declared type; ints may stand for floats."""
+    hint = hints[name]
+    args = typing.get_args(hint) or (hint,)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ValueError(f"{owner}{name}: cannot be none")
+    for t in args:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is str:
+            return value if isinstance(value, str) else json.dumps(value)
+        if dataclasses.is_dataclass(t) and isinstance(value, dict):
+            return value  # e.g. rope_scaling; Config turns the dict into RopeScaling
+    wanted = " or ".join(getattr(t, "__name__", str(t)) for t in args)
+    raise ValueError(f"{owner}{name}: expected {wanted}, got {value!r}")
+
+
+def _unknown(owner: str, name: str, known) -> ValueError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {', '.join(owner + c for c in close)}?" if close else ""
+    return ValueError(f"unknown field {owner}{name}{hint} (see --help for the list)")
+
+
+def parse_overrides(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """argv → (trainer field values, model field values), type-checked, unknowns refused."""
+    train_fields, model_fields = _fields(TrainConfig), _fields(Config)
+    train_hints = typing.get_type_hints(TrainConfig)
+    model_hints = typing.get_type_hints(Config)
+    train, model = {}, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ValueError(f"unexpected argument {arg!r}; write --FIELD VALUE or "
+                             f"--model.FIELD VALUE")
+        key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        is_model = key.startswith("model.")
+        name = key[len("model."):] if is_model else key
+        owner, fields, hints, out = (("--model.", model_fields, model_hints, model) if is_model
+                                     else ("--", train_fields, train_hints, train))
+        if name not in fields:
+            raise _unknown(owner, name, fields)
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                if hints[name] is not bool:
+                    raise ValueError(f"{owner}{name} needs a value")
+                text = "true"
+            else:
+                text, i = nxt, i + 1
+        out[name] = _coerce(owner, name, fields[name], _parse_value(text), hints)
+        i += 1
+    return train, model
+
+
+def model_config(tcfg: TrainConfig, model_overrides: dict[str, Any]) -> Config:
+    return PRESETS[tcfg.preset].replace(**model_overrides)
+
+
+def help_text() -> str:
+    lines = [__doc__.strip(), "", "Trainer fields (default):"]
+    for f in dataclasses.fields(TrainConfig):
+        lines.append(f"  --{f.name:<18} {f.default!r}")
+    lines += ["", "Model fields (--model.FIELD; defaults come from the preset): "
+              + ", ".join(f.name for f in dataclasses.fields(Config)),
+              "", "Presets: " + ", ".join(sorted(PRESETS))]
+    return "\n".join(lines)

@@ -1,0 +1,193 @@
+"""The training run: corpus → tokenizer → model → steps with checkpoints → report.
+
+    summary = train(TrainConfig(steps=100), model_overrides={"d_model": 128})
+
+Testing aid: the environment variable JAXLM_TRAIN_STEP_SLEEP (seconds) makes every step
+sleep that long, so a test can kill a run at a point of its choosing.
+"""
+from __future__ import annotations
+
+import glob
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from jaxlm.model import Config
+from jaxlm.model.checkpoint import write_run_file
+
+from . import data as D
+from .checkpoint import Checkpointer
+from .config import TrainConfig
+from .report import MetricsLog, Progress, Throughput, measure_matmul_peak, plot_losses
+from .sample import generate_text
+from .step import (Model, count_params, flops_per_token, init_state, make_eval_step,
+                   make_optimizer, make_train_step)
+
+RUNS = "runs"
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+def default_run_dir(preset: str) -> str:
+    return os.path.join(RUNS, f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def newest_run(root: str = RUNS) -> str:
+    runs = glob.glob(os.path.join(root, "*", "run.json"))
+    if not runs:
+        raise ValueError(f"--resume: no runs under {root}/ to continue; pass --run_dir")
+    return os.path.dirname(max(runs, key=os.path.getmtime))
+
+
+def evaluate(eval_step, params, val) -> float:
+    total, count = 0.0, 0.0
+    for batch in val:
+        s, n = eval_step(params, batch)
+        total, count = total + float(s), count + float(n)
+    return total / max(count, 1.0)
+
+
+def _finite(*xs) -> bool:
+    return all(math.isfinite(float(x)) for x in xs)
+
+
+def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_tokenizer: bool):
+    """(cfg with its final vocab_size, tokenizer, train stream, val stream); writes run.json."""
+    corpus = D.load_corpus(tcfg.corpus, tcfg.val_fraction, tcfg.jsonl_field, tcfg.bin_dtype)
+    tokenizer, tok_spec = D.make_tokenizer(tcfg.tokenizer, corpus.train, tcfg.run_dir,
+                                           resume=resuming)
+    if vocab_from_tokenizer and not resuming:
+        cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
+    elif cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"--model.vocab_size {cfg.vocab_size} is smaller than the "
+                         f"tokenizer's {tokenizer.vocab_size} ids; raise it or drop it")
+    train_stream, val_stream = D.token_streams(corpus, tokenizer, tcfg.seq_len,
+                                               tcfg.val_fraction)
+    D.check_vocab(train_stream, cfg.vocab_size, "the training split")
+    D.check_vocab(val_stream, cfg.vocab_size, "the validation split")
+    write_run_file(tcfg.run_dir, cfg, tok_spec, train=tcfg.to_dict(),
+                   corpus={"name": corpus.name, "train_tokens": len(train_stream),
+                           "val_tokens": len(val_stream)})
+    return cfg, tokenizer, train_stream, val_stream
+
+
+def build(tcfg: TrainConfig, cfg: Config):
+    """(Model, optimizer, initial TrainState)."""
+    try:
+        model = Model.create(cfg, tcfg.seed)
+    except ModuleNotFoundError as e:  # e.g. a MoE preset before jaxlm.model.moe exists
+        raise ValueError(f"--preset {tcfg.preset}: this jaxlm cannot build it yet "
+                         f"({e}); choose another preset") from None
+    optimizer = make_optimizer(tcfg, model.init_params)
+    state = init_state(tcfg, cfg, model.init_params, optimizer)
+    model.init_params = None  # the state owns the parameters from here on
+    return model, optimizer, state
+
+
+def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
+          vocab_from_tokenizer: bool = True, log=print) -> dict:
+    """Runs (or continues) the training described by tcfg/cfg in tcfg.run_dir.
+
+    With vocab_from_tokenizer the model's vocab_size becomes the tokenizer's (a preset's
+    128k-row table is waste for 256 byte ids); otherwise it must be at least as large.
+    Returns a summary dict (final losses, perplexity, sample, speed)."""
+    t_start = time.perf_counter()
+    os.makedirs(tcfg.run_dir, exist_ok=True)
+    cfg, tokenizer, train_stream, val_stream = prepare_data(
+        tcfg, cfg, resume_step is not None, vocab_from_tokenizer)
+    model, optimizer, state = build(tcfg, cfg)
+    ckpt = Checkpointer(tcfg.run_dir, tcfg.keep)
+    it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
+    if resume_step is not None:
+        state, data_state = ckpt.restore(state, resume_step)
+        it.set_state(data_state)
+    log(f"run {tcfg.run_dir}: {tcfg.preset} ({count_params(state.params) / 1e6:.2f}M "
+        f"parameters, {cfg.dtype} compute), {tcfg.corpus}: {len(train_stream):,} train / "
+        f"{len(val_stream):,} val tokens, tokenizer {tcfg.tokenizer} "
+        f"({tokenizer.vocab_size}), " + (f"resuming at step {int(state.step)}"
+                                         if resume_step is not None else "from scratch"))
+    val = D.val_batches(val_stream, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
+    tokens_per_step = tcfg.seq_len * tcfg.batch_size * tcfg.grad_accum
+    speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len),
+                       measure_matmul_peak(cfg.dtype))
+    try:
+        state, summary = run_steps(tcfg, make_train_step(model, tcfg, optimizer),
+                                   make_eval_step(model), state, it, val, ckpt, speed,
+                                   MetricsLog(tcfg.run_dir, resume_step))
+    finally:
+        ckpt.close()
+    summary.update(run_dir=tcfg.run_dir, seconds=time.perf_counter() - t_start)
+    if tcfg.plot:
+        summary["plot"] = plot_losses(tcfg.run_dir)
+    if tcfg.sample_tokens:
+        summary["sample"] = generate_text(model.module(state.params), tokenizer,
+                                          tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed)
+    return summary
+
+
+def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log):
+    """The loop proper: step, check, report, evaluate, checkpoint. (state, summary)."""
+    bar = Progress(tcfg.progress, tcfg.steps, int(state.step))
+    sleep = float(os.environ.get("JAXLM_TRAIN_STEP_SLEEP", "0"))
+    first_loss = last_loss = val_loss = None
+    try:
+        while int(state.step) < tcfg.steps:
+            t0 = time.perf_counter()
+            state, m = step_fn(state, next(it))
+            m = jax.device_get(m)
+            speed.add(time.perf_counter() - t0)
+            step = int(state.step)
+            if not _finite(m["loss"]) or not (m["skipped"] or _finite(m["grad_norm"])):
+                raise _diverged(m, step, ckpt, tcfg.run_dir)
+            first_loss = first_loss if first_loss is not None else float(m["loss"])
+            last_loss = float(m["loss"])
+            tps, mfu = speed.rates()
+            bar.update(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+            last = step == tcfg.steps
+            if step % tcfg.log_every == 0 or last:
+                metrics_log.write({"step": step, "loss": last_loss, "ce": float(m["ce"]),
+                                   "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
+                                   "tokens": step * speed.tokens, "tokens_per_s": tps,
+                                   "mfu": mfu, **_extra(m, tcfg), "time": time.time()})
+            if val and (step % tcfg.eval_every == 0 or last):
+                val_loss = evaluate(eval_step, state.params, val)
+                metrics_log.write({"step": step, "val_loss": val_loss,
+                                   "val_ppl": math.exp(min(val_loss, 700))})
+                bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+            if step % tcfg.checkpoint_every == 0 or last:
+                ckpt.save(state, it.get_state())
+            if sleep:
+                time.sleep(sleep)
+    finally:
+        bar.close()
+    tps, mfu = speed.rates()
+    return state, {"steps": int(state.step), "first_loss": first_loss, "final_loss": last_loss,
+                   "val_loss": val_loss,
+                   "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+                   "tokens_per_s": tps, "mfu": mfu, "matmul_peak_flops": speed.peak}
+
+
+def _diverged(m, step: int, ckpt: Checkpointer, run_dir: str) -> TrainingDiverged:
+    good = ckpt.latest_step()
+    where = f"step {good} in {run_dir}" if good is not None else "none (none was saved yet)"
+    return TrainingDiverged(
+        f"loss became {float(m['loss'])} (gradient norm {float(m['grad_norm'])}) at step "
+        f"{step}; stopped. The last good checkpoint is {where}; lower --lr, raise "
+        f"--warmup_steps or keep --clip_norm")
+
+
+def _extra(m, tcfg: TrainConfig) -> dict:
+    """Optional metrics worth a column only when they carry information."""
+    out = {}
+    if tcfg.z_loss:
+        out["z_loss"] = float(m["z_loss"])
+    if float(m["loss_scale"]) != 1.0:
+        out["loss_scale"] = float(m["loss_scale"])
+        out["skipped"] = bool(m["skipped"])
+    out.update({k: float(np.mean(v)) for k, v in m.items() if k.startswith("aux/")})
+    return out

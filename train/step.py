@@ -1,0 +1,241 @@
+"""Train state, optimizer and the one jitted step `(state, batch) -> (state, metrics)`.
+
+The state is a plain pytree: fp32 master parameters (a nested dict, the same tree
+`jaxlm.model.checkpoint.params_of` gives), the optax state, the step count, a PRNG
+key, and the dynamic loss scale. The model computes in Config.dtype (bf16/fp16
+casts happen inside its layers), so mixed precision needs nothing here beyond
+keeping param_dtype float32 and, for fp16, scaling the loss.
+
+A batch holds arrays shaped [accum, b, t]: `inputs`, `targets`, `positions`,
+`segment_ids` and `loss_mask`. Micro-batches are summed with lax.scan, so one call
+is one optimizer update whatever the accumulation.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+
+from jaxlm.model import CausalLM, Config
+
+from .config import TrainConfig
+
+# Dynamic loss scaling (fp16): start high, halve on overflow, double after a run of
+# finite steps. The same constants as torch.amp.GradScaler.
+INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 15, 2000
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array          # int32 scalar: optimizer updates done
+    params: Any              # nested dict of fp32 arrays (params_of layout)
+    opt_state: Any           # optax state
+    rng: jax.Array           # uint32[2] raw PRNG key, split once per step
+    loss_scale: jax.Array    # float32 scalar; 1 when loss scaling is off
+    good_steps: jax.Array    # int32: finite steps since the scale last changed
+
+
+class Model:
+    """A CausalLM split once into its static graph and a parameter dict; `module(params)`
+    rebuilds the module from any parameter dict of that shape inside traced functions."""
+
+    def __init__(self, lm: CausalLM):
+        self.cfg = lm.cfg
+        self.graphdef, state, self.rest = nnx.split(lm, nnx.Param, ...)
+        self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+        self.init_params = state.to_pure_dict()
+
+    @classmethod
+    def create(cls, cfg: Config, seed: int) -> "Model":
+        """A freshly initialised model. The initialisation runs as one jitted program (one
+        compile per parameter layout, which a persistent compilation cache keeps across
+        runs) rather than op by op."""
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+        # Compute dtype, remat and kernel choice never change the parameters.
+        init = _initializer(cfg.replace(dtype="float32", remat="none", attention_impl="xla"))
+        return cls(nnx.merge(graphdef, init(jnp.asarray(seed, jnp.int32))))
+
+    def module(self, params) -> CausalLM:
+        state = jax.tree.map(lambda x: x, self._template)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state, self.rest)
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(cfg: Config):
+    return jax.jit(lambda seed: nnx.split(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))[1])
+
+
+def count_params(params, exclude_embeddings: bool = False) -> int:
+    total = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        if exclude_embeddings and _leaf_name(path) in ("embedding", "pos_embed"):
+            continue
+        total += x.size
+    return total
+
+
+def _leaf_name(path) -> str:
+    return str(getattr(path[-1], "key", path[-1]))
+
+
+def decay_mask(params, decay_embeddings: bool):
+    """True where weight decay applies: matrices, not norm scales or biases (and not
+    embeddings unless asked). Decided by name, since a stacked norm scale is 2-D."""
+    def decays(path, _):
+        name = _leaf_name(path)
+        if name in ("scale", "bias"):
+            return False
+        if name in ("embedding", "pos_embed"):
+            return decay_embeddings
+        return True
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def schedule(tcfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to lr (the first update already moves: lr/warmup), then a cosine
+    down to lr × min_lr_ratio at the last step."""
+    warmup = min(tcfg.warmup_steps, tcfg.steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=tcfg.lr / max(warmup, 1), peak_value=tcfg.lr, warmup_steps=warmup,
+        decay_steps=max(tcfg.steps, warmup + 1), end_value=tcfg.lr * tcfg.min_lr_ratio)
+
+
+def make_optimizer(tcfg: TrainConfig, params) -> optax.GradientTransformation:
+    # Clipping is always in the chain (inf = off) so the state tree never depends on it.
+    clip = tcfg.clip_norm if tcfg.clip_norm > 0 else float("inf")
+    return optax.chain(
+        optax.clip_by_global_norm(clip),
+        optax.adamw(schedule(tcfg), b1=tcfg.beta1, b2=tcfg.beta2, eps=tcfg.eps,
+                    weight_decay=tcfg.weight_decay,
+                    mask=decay_mask(params, tcfg.decay_embeddings)))
+
+
+def uses_loss_scale(tcfg: TrainConfig, cfg: Config) -> bool:
+    return tcfg.loss_scale == "dynamic" or (tcfg.loss_scale == "auto" and cfg.dtype == "float16")
+
+
+def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer) -> TrainState:
+    scale = INIT_SCALE if uses_loss_scale(tcfg, cfg) else 1.0
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.PRNGKey(tcfg.seed + 1),
+                      loss_scale=jnp.asarray(scale, jnp.float32),
+                      good_steps=jnp.zeros((), jnp.int32))
+
+
+# Loss --------------------------------------------------------------------------------
+def token_losses(logits, targets):
+    """(cross-entropy [b,t], logsumexp [b,t]) from float32 logits [b,t,v]."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, lse
+
+
+def aux_loss(aux: dict, tcfg: TrainConfig):
+    """Σ weight·aux[k] over the model's aux entries whose key ends in "_loss"."""
+    per_key = tcfg.aux_weights()
+    total = jnp.zeros((), jnp.float32)
+    for key, value in aux.items():
+        if key.endswith("_loss"):
+            total = total + per_key.get(key, tcfg.aux_loss_weight) * jnp.mean(value)
+    return total
+
+
+def micro_loss(model: Model, tcfg: TrainConfig, params, mb, n_tokens, n_micro):
+    """This micro-batch's share of the step loss: token sums are divided by the step's
+    total token count, so summing micro-batches equals one big batch exactly."""
+    lm = model.module(params)
+    logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+    mask = mb["loss_mask"].astype(jnp.float32)
+    ce, lse = token_losses(logits, mb["targets"])
+    ce_sum = jnp.sum(ce * mask)
+    z_sum = jnp.sum(jnp.square(lse) * mask)
+    aux_total = aux_loss(aux, tcfg) / n_micro
+    loss = (ce_sum + tcfg.z_loss * z_sum) / n_tokens + aux_total
+    parts = {"ce": ce_sum / n_tokens, "z_loss": z_sum / n_tokens, "aux_loss": aux_total}
+    parts.update({f"aux/{k}": jnp.mean(v) / n_micro for k, v in aux.items()})
+    return loss, parts
+
+
+def loss_and_grads(model: Model, tcfg: TrainConfig, params, batch, scale=1.0):
+    """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale."""
+    n_micro = batch["inputs"].shape[0]
+    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+
+    def one(mb):
+        def f(p):
+            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro)
+            return loss * scale, (loss, parts)
+        (_, (loss, parts)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return loss, grads, parts
+
+    if n_micro == 1:
+        return one(jax.tree.map(lambda x: x[0], batch))
+
+    def body(carry, mb):
+        loss, grads, parts = one(mb)
+        return jax.tree.map(jnp.add, carry, (loss, grads, parts)), None
+
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch)))
+    (loss, grads, parts), _ = jax.lax.scan(body, zero, batch)
+    return loss, grads, parts
+
+
+def make_train_step(model: Model, tcfg: TrainConfig, optimizer):
+    """The jitted pure function (state, batch) -> (state, metrics); the state is donated."""
+    dynamic = uses_loss_scale(tcfg, model.cfg)
+    lr_at = schedule(tcfg)
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        scale = state.loss_scale if dynamic else jnp.float32(1.0)
+        loss, grads, parts = loss_and_grads(model, tcfg, state.params, batch, scale)
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        rng, _ = jax.random.split(state.rng)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        skipped = jnp.zeros((), jnp.bool_)
+        if dynamic:  # overflowed: keep the old parameters, halve the scale
+            finite = jnp.isfinite(grad_norm)
+            skipped = ~finite
+            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa
+            grow = finite & (state.good_steps + 1 >= GROWTH_INTERVAL)
+            new = new.replace(
+                params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                loss_scale=jnp.where(finite, jnp.where(grow, scale * 2, scale),
+                                     jnp.maximum(scale / 2, 1.0)),
+                good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(state.step),
+                   "loss_scale": new.loss_scale, "skipped": skipped, **parts}
+        return new, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def make_eval_step(model: Model):
+    """Jitted (params, batch [b,t]) -> (cross-entropy sum, token count)."""
+    def evaluate(params, batch):
+        lm = model.module(params)
+        logits, _, _ = lm(batch["inputs"], positions=batch["positions"],
+                          segment_ids=batch["segment_ids"])
+        mask = batch["loss_mask"].astype(jnp.float32)
+        ce, _ = token_losses(logits, batch["targets"])
+        return jnp.sum(ce * mask), jnp.sum(mask)
+    return jax.jit(evaluate)
+
+
+def flops_per_token(cfg: Config, params, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N over the weights that multiply (everything but the
+    input embedding lookup; a tied LM head counts once more) plus causal attention
+    scores and values, 6·l·h·hd·t (half of the full 12·l·h·hd·t; PaLM, App. B).
+    MoE models count every expert here, which overstates their MFU."""
+    n = count_params(params, exclude_embeddings=True)
+    if cfg.tie_embeddings:
+        n += cfg.vocab_size * cfg.d_model
+    head_dim = cfg.v_head_dim if cfg.attention == "mla" else cfg.dim_per_head
+    return 6.0 * n + 6.0 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
