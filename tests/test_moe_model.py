@@ -23,17 +23,21 @@ def test_layer_patterns_follow_deepseek_and_qwen_rules():
     assert lm.blocks[1].mlp.shared_up.shape == (3, 256, 128)          # 1 shared × moe_ffn
 
 
+_forward = nnx.jit(lambda lm, tokens: lm(tokens))
+_with_cache = nnx.jit(lambda lm, tokens, cache: lm(tokens, cache=cache))
+
+
 def test_dispatches_agree_and_cached_decode_matches():
     for cfg in (QWEN_LIKE, DEEPSEEK_LIKE):
         base = CausalLM(cfg, nnx.Rngs(1))
-        want = base(TOKENS)
+        want = _forward(base, TOKENS)
         for dispatch in ("dense", "capacity"):
-            other = CausalLM(cfg.replace(moe_dispatch=dispatch, capacity_factor=16.0),
-                             nnx.Rngs(1))(TOKENS)
+            other = _forward(CausalLM(cfg.replace(moe_dispatch=dispatch, capacity_factor=16.0),
+                                      nnx.Rngs(1)), TOKENS)
             chex.assert_trees_all_close(other.logits, want.logits, atol=1e-4, rtol=1e-5)
             assert abs(float(other.aux["dropped_fraction"])) < 1e-6
-        first = base(TOKENS[:, :5], cache=base.init_cache(2, 12))
-        second = base(TOKENS[:, 5:], cache=first.cache)
+        first = _with_cache(base, TOKENS[:, :5], base.init_cache(2, 12))
+        second = _with_cache(base, TOKENS[:, 5:], first.cache)
         chex.assert_trees_all_close(jnp.concatenate([first.logits, second.logits], 1),
                                     want.logits, atol=1e-4, rtol=1e-5)
 
