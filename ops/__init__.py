@@ -11,3 +11,5 @@ from .moe import (Routing, add_shared_experts, capacity_dispatch, combine_weight
                   moe_capacity, moe_dense, moe_dropless, routed_experts, router_logits,
                   router_z_loss, sigmoid_topk_router, softmax_topk_router,
                   update_router_bias)
+from .sampling import (Sampling, apply_temperature, filter_logits, min_p_logits, probabilities,
+                       sample, top_k_logits, top_p_logits)

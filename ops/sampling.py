@@ -1,0 +1,150 @@
+"""Next-token sampling: pure functions of logits and an explicit PRNG key.
+
+The filters run in the usual order (as transformers' and vLLM's samplers do):
+
+    logits / temperature → top-k → top-p (nucleus) → min-p → sample
+
+Each filter keeps the tokens it allows and sets the rest to -inf, so any combination is
+the composition of the ones switched on. Temperature 0 (or no Sampling at all) is greedy.
+
+Two ways to the same distribution:
+  * `filter_logits` works on the whole vocabulary [b,v] (plain, the reference);
+  * `sample` works on a sorted candidate list (the top k, or the whole vocabulary sorted
+    when only top-p/min-p are on), which is what the decode loop runs every step.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How to pick the next token. Hashable, so jitted loops take it as a static argument.
+
+    temperature: 0 → greedy (argmax); otherwise logits are divided by it.
+    top_k: keep the k most likely tokens (None or 0 → off).
+    top_p: keep the smallest set of most likely tokens whose mass reaches p (1 → off).
+    min_p: keep tokens with probability >= min_p × the top token's (0 → off).
+    """
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"Sampling.temperature must be >= 0 (0 = greedy), "
+                             f"got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"Sampling.top_k must be a positive int (or None/0 for off), "
+                             f"got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"Sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"Sampling.min_p must be in [0, 1], got {self.min_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_top_p(self) -> bool:
+        return self.top_p is not None and self.top_p < 1
+
+    @property
+    def uses_min_p(self) -> bool:
+        return self.min_p is not None and self.min_p > 0
+
+
+def greedy(logits):
+    """argmax over the last axis: [..., v] → [...] int32."""
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def apply_temperature(logits, temperature: float):
+    return logits.astype(jnp.float32) / temperature
+
+
+def top_k_logits(logits, k: int):
+    """Keep exactly the k largest logits of each row [b,v] (ties: lower index first)."""
+    k = min(k, logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, k)
+    keep = jnp.zeros(logits.shape, bool)
+    keep = jax.vmap(lambda row, i: row.at[i].set(True))(keep.reshape(-1, logits.shape[-1]),
+                                                        idx.reshape(-1, k)).reshape(logits.shape)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def _nucleus_keep_sorted(sorted_logits, p: float):
+    """keep [..., n] for logits sorted descending: a token stays while the mass of the
+    tokens before it is still below p, so the first token always stays."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return before < p
+
+
+def top_p_logits(logits, p: float):
+    """Keep the smallest most-likely set whose probability mass reaches p (per row)."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    keep_sorted = _nucleus_keep_sorted(sorted_logits, p)
+    # Undo the sort: scatter each sorted position's verdict back to its token.
+    keep = jnp.zeros(logits.shape, bool)
+    keep = jax.vmap(lambda row, i, kp: row.at[i].set(kp))(
+        keep.reshape(-1, logits.shape[-1]), order.reshape(-1, logits.shape[-1]),
+        keep_sorted.reshape(-1, logits.shape[-1])).reshape(logits.shape)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def min_p_logits(logits, min_p: float):
+    """Keep tokens whose probability is at least min_p times the most likely token's."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= min_p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def filter_logits(logits, sampling: Sampling):
+    """The whole-vocabulary reference: temperature, then top-k, top-p, min-p ([b,v])."""
+    logits = apply_temperature(logits, sampling.temperature)
+    if sampling.top_k:
+        logits = top_k_logits(logits, sampling.top_k)
+    if sampling.uses_top_p:
+        logits = top_p_logits(logits, sampling.top_p)
+    if sampling.uses_min_p:
+        logits = min_p_logits(logits, sampling.min_p)
+    return logits
+
+
+def probabilities(logits, sampling: Sampling | None):
+    """The distribution `sample` draws from, [b,v] (one-hot at the argmax when greedy)."""
+    if sampling is None or sampling.greedy:
+        return jax.nn.one_hot(greedy(logits), logits.shape[-1], dtype=jnp.float32)
+    return jax.nn.softmax(filter_logits(logits, sampling), axis=-1)
+
+
+def sample(key, logits, sampling: Sampling | None = None):
+    """Draw one token per row from logits [b,v] → [b] int32. sampling=None is greedy.
+
+    Works on a sorted candidate list: lax.top_k when top_k is set (cheap), a full sort only
+    when top-p or min-p need one without it, and no sort at all for plain temperature."""
+    if sampling is None or sampling.greedy:
+        return greedy(logits)
+    logits = apply_temperature(logits, sampling.temperature)
+    v = logits.shape[-1]
+    if sampling.top_k and sampling.top_k < v:
+        cand, idx = jax.lax.top_k(logits, sampling.top_k)
+    elif sampling.uses_top_p or sampling.uses_min_p:
+        cand, idx = jax.lax.top_k(logits, v)  # a full descending sort
+    else:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if sampling.uses_top_p:
+        cand = jnp.where(_nucleus_keep_sorted(cand, sampling.top_p), cand, NEG_INF)
+    if sampling.uses_min_p:
+        cand = min_p_logits(cand, sampling.min_p)
+    choice = jax.random.categorical(key, cand, axis=-1)
+    return jnp.take_along_axis(idx, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
