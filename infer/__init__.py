@@ -1,0 +1,16 @@
+"""Inference: batched prefill, a one-jit decode loop, prefix caching and `generate`.
+
+    from jaxlm.infer import generate, Engine, Sampling
+    new = generate(lm, [[1, 2, 3], [4, 5]], max_new_tokens=32)                 # greedy
+    new = generate(lm, prompts, max_new_tokens=64, sampling=Sampling(temperature=0.7,
+                   top_p=0.9), seed=0, stop_tokens=(eos,))
+"""
+from jaxlm.ops.sampling import Sampling
+
+from .cache import DecodeCache, cache_bytes
+from .engine import DecodeState, Engine, generate
+from .forward import forward, split_model
+from .prefix import PrefixCache
+
+__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling", "cache_bytes",
+           "forward", "generate", "split_model"]

@@ -1,0 +1,201 @@
+"""`python -m jaxlm.infer`: generate from a trainer run or a local HF directory.
+
+    python -m jaxlm.infer --checkpoint runs/tiny --prompt "Once upon a time" --max-new-tokens 64
+    python -m jaxlm.infer --hf ~/models/Qwen3-0.6B --prompt "Hi" --temperature 0.7 --top-p 0.9
+    python -m jaxlm.infer --hf DIR --prompt-ids 1,2,3 --bench
+
+Text streams to the terminal as it is produced (the decode loop runs in chunks of
+--chunk steps). --bench prints prefill and decode tokens/s, time to first token and the
+cache's memory instead. Bad input ends with one `error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DESCRIPTION = "Generate text with a jaxlm model (trainer run directory or HF directory)."
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jaxlm.infer", description=DESCRIPTION)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", metavar="RUN_DIR", help="a run directory written by "
+                     "`python -m jaxlm.train` (latest step unless --step)")
+    src.add_argument("--hf", metavar="DIR", help="a local Hugging Face model directory "
+                     "(config.json, *.safetensors, tokenizer.json)")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt-ids", action="append", metavar="IDS",
+                   help="a prompt as comma-separated token ids (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--min-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-ids", metavar="IDS", help="comma-separated stop token ids "
+                   "(default: the HF config's eos_token_id, if any)")
+    p.add_argument("--max-len", type=int, help="cache slots per row (prompt + new tokens); "
+                   "default: the model's max_position")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--chunk", type=int, default=8, help="decode steps between prints")
+    p.add_argument("--bench", action="store_true",
+                   help="print prefill/decode tokens/s, time to first token, cache memory")
+    return p.parse_args(argv)
+
+
+def _ids(text: str, what: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def check_args(args) -> None:
+    """The checks that need no model, so bad flags fail before anything loads."""
+    from jaxlm.ops.sampling import Sampling
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if args.chunk < 1:
+        raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    if args.max_len is not None and args.max_len < 2:
+        raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
+    try:
+        Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
+    except ValueError as e:  # name the flag, not the field
+        msg = str(e).replace("Sampling.", "--").replace("top_", "top-").replace("min_p",
+                                                                                "min-p")
+        raise ValueError(msg) from None
+    path = args.checkpoint or args.hf
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; pass an existing "
+                         f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
+    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
+    if args.prompt is None and args.prompt_ids is None:
+        args.prompt = ["Hello"]
+    for text in args.prompt or []:
+        if not text:
+            raise ValueError("--prompt is empty; give at least one character")
+    for text in args.prompt_ids or []:
+        if not _ids(text, "--prompt-ids"):
+            raise ValueError("--prompt-ids is empty; give at least one token id")
+
+
+def load(args):
+    """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf."""
+    from jaxlm.model.tokenizer import HFTokenizer
+    if args.checkpoint:
+        import absl.logging  # orbax warns about read-only managers on every restore
+        absl.logging.set_verbosity(absl.logging.ERROR)
+        from jaxlm.model.checkpoint import load_run
+        lm, tokenizer, step = load_run(args.checkpoint, step=args.step, dtype=args.dtype)
+        print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)
+        return lm, tokenizer, []
+    from jaxlm.model.hf import from_hf
+    lm = from_hf(args.hf, dtype=args.dtype)
+    tok_path = os.path.join(args.hf, "tokenizer.json")
+    tokenizer = HFTokenizer(tok_path) if os.path.isfile(tok_path) else None
+    if tokenizer is None and args.prompt:
+        raise ValueError(f"{args.hf!r} has no tokenizer.json, so --prompt cannot be "
+                         f"encoded; add the tokenizer or pass --prompt-ids")
+    with open(os.path.join(args.hf, "config.json")) as f:
+        eos = json.load(f).get("eos_token_id")
+    stops = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    return lm, tokenizer, stops
+
+
+def _text(tokenizer, ids) -> str:
+    return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids)) + " "
+
+
+def stream_one(engine, tokenizer, prompt, args, sampling, stops) -> None:
+    """Print the prompt's continuation as it is produced. Text is re-decoded as a whole
+    and only its new tail printed, so multi-byte characters and merges come out right."""
+    out, shown = [], ""
+    for chunk in engine.stream([prompt], max_new_tokens=args.max_new_tokens,
+                               sampling=sampling, seed=args.seed, stop_tokens=stops,
+                               chunk=args.chunk):
+        out += chunk[0]
+        text = _text(tokenizer, out)
+        if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the rest
+            continue
+        sys.stdout.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        sys.stdout.flush()
+        shown = text
+    text = _text(tokenizer, out)
+    sys.stdout.write(text[len(shown):] + "\n")
+
+
+def bench(engine, prompts, args, sampling, stops) -> None:
+    import jax
+    import numpy as np
+    n, b = args.max_new_tokens, len(prompts)
+    engine.generate(prompts, max_new_tokens=n, sampling=sampling, stop_tokens=stops)  # compile
+    key_p, key_d = jax.random.split(jax.random.key(args.seed))
+    t0 = time.perf_counter()
+    first, logits, cache = engine.prefill_prompts(prompts, n, key_p, sampling)
+    np.asarray(first)  # on the host: the first token is out
+    t1 = time.perf_counter()
+    nbytes, shape = cache.nbytes, (cache.batch, cache.max_len)
+    state = engine.start(first, logits, key_d, max_new_tokens=n,
+                         stop_tokens=stops)
+    t2 = time.perf_counter()
+    state, cache = engine.decode(state, cache, stop_tokens=stops, sampling=sampling)
+    counts = np.asarray(state.counts)
+    t3 = time.perf_counter()
+    prompt_tokens = sum(len(p) for p in prompts)
+    decoded = int(counts.sum()) - b
+    print(f"batch {b}, prompt tokens {prompt_tokens}, new tokens {int(counts.sum())}")
+    print(f"time to first token  {1e3 * (t1 - t0):9.2f} ms")
+    print(f"prefill              {prompt_tokens / (t1 - t0):9.1f} tokens/s")
+    print(f"decode               {decoded / max(t3 - t2, 1e-9):9.1f} tokens/s "
+          f"({1e3 * (t3 - t2) / max(int(state.step) - 1, 1):.2f} ms/step)")
+    print(f"cache memory         {nbytes / 2**20:9.2f} MiB "
+          f"({shape[0]} rows x {shape[1]} slots, {engine.cfg.n_layers} layers)")
+
+
+def run(args) -> None:
+    check_args(args)
+    from jaxlm.infer.engine import Engine
+    from jaxlm.ops.sampling import Sampling
+    lm, tokenizer, stops = load(args)
+    if args.stop_ids is not None:
+        stops = _ids(args.stop_ids, "--stop-ids")
+    prompts = [tokenizer.encode(t) for t in args.prompt or []]
+    prompts += [_ids(t, "--prompt-ids") for t in args.prompt_ids or []]
+    for text, ids in zip(args.prompt or [], prompts):
+        if not ids:
+            raise ValueError(f"--prompt {text!r} encodes to no tokens")
+    sampling = None if args.temperature == 0 else Sampling(args.temperature, args.top_k,
+                                                           args.top_p, args.min_p)
+    engine = Engine(lm, max_len=args.max_len or lm.cfg.max_position)
+    del lm  # the engine holds its own per-layer copy of the weights
+    engine.check(prompts, args.max_new_tokens, stops)
+    if args.bench:
+        bench(engine, prompts, args, sampling, stops)
+    elif len(prompts) == 1:
+        if tokenizer is not None and args.prompt:
+            sys.stdout.write(args.prompt[0])
+        stream_one(engine, tokenizer, prompts[0], args, sampling, stops)
+    else:
+        outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
+                               seed=args.seed, stop_tokens=stops)
+        for i, (p, out) in enumerate(zip(prompts, outs)):
+            print(f"--- [{i}]\n{_text(tokenizer, p)}{_text(tokenizer, out)}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,284 @@
+"""The inference engine: batched prefill, a one-jit decode loop, and `generate`.
+
+    new_tokens = generate(lm, [[1, 2, 3], [4, 5]], max_new_tokens=32)            # greedy
+    new_tokens = generate(lm, prompts, max_new_tokens=64, seed=0,
+                          sampling=Sampling(temperature=0.8, top_p=0.95), stop_tokens=(2,))
+
+Built from these pieces (each usable on its own):
+  * Engine(lm): the model split into per-layer weights (infer/forward.py) plus
+    `new_cache`, `prefill`, `start` and `decode`.
+  * prefill: right-padded prompts of any lengths in one jitted call. Causal masking hides
+    every row's padding from its real tokens, and afterwards each row's length is set to
+    its real length, so decode overwrites the padding; the head runs only on each row's
+    last real token.
+  * decode: one jitted lax.while_loop that runs while steps are left, some row is not done
+    and the cache has room. It can stop at an intermediate step (`until`) and resume, which
+    is how the CLI streams; the batch API calls it once.
+  * prefix caching (infer/prefix.py): rows that start with a stored prefix get its K/V
+    copied in and prefill only their suffix.
+
+Stop tokens: a row stops after emitting one; the stop token is included in its output.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.model.transformer import CausalLM
+from jaxlm.ops.sampling import Sampling, sample
+
+from .cache import DecodeCache
+from .forward import Graphs, Weights, forward, split_model
+from .prefix import PrefixCache
+
+PAD = -1        # written after a row is done; never returned
+BUCKET = 16     # prompt and cache lengths round up to a multiple of this (fewer compiles)
+
+
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["tokens", "counts", "last", "done", "step", "key", "logits"],
+         meta_fields=[])
+@dataclasses.dataclass
+class DecodeState:
+    """What the decode loop carries besides the cache.
+
+    tokens [b,N] the new tokens so far (PAD after a row is done); counts [b] how many each
+    row emitted; last [b] the token to feed next; done [b]; step: columns filled; key: the
+    PRNG key of the next step; logits [b,N,v] per-step logits when recorded, else None."""
+    tokens: jax.Array
+    counts: jax.Array
+    last: jax.Array
+    done: jax.Array
+    step: jax.Array
+    key: jax.Array
+    logits: jax.Array | None = None
+
+
+def _round_up(n: int, m: int = BUCKET) -> int:
+    return -(-n // m) * m
+
+
+@partial(jax.jit, static_argnames=("graphs", "sampling"), donate_argnames=("cache",))
+def _prefill(graphs: Graphs, weights: Weights, tokens, lengths, cache: DecodeCache, key,
+             sampling: Sampling | None):
+    start = cache.lengths
+    logits, cache = forward(graphs, weights, tokens, cache, last=lengths - 1)
+    logits = logits[:, 0]
+    return sample(key, logits, sampling), logits, cache.replace(lengths=start + lengths)
+
+
+@partial(jax.jit, static_argnames=("max_new_tokens", "record_logits"))
+def _start(first, logits, key, stop_tokens, max_new_tokens: int, record_logits: bool):
+    b = first.shape[0]
+    tokens = jnp.full((b, max_new_tokens), PAD, jnp.int32).at[:, 0].set(first)
+    recorded = None
+    if record_logits:
+        recorded = jnp.zeros((b, max_new_tokens, logits.shape[-1]), jnp.float32)
+        recorded = recorded.at[:, 0].set(logits)
+    return DecodeState(tokens=tokens, counts=jnp.ones((b,), jnp.int32), last=first,
+                       done=jnp.isin(first, stop_tokens), step=jnp.array(1, jnp.int32),
+                       key=key, logits=recorded)
+
+
+@partial(jax.jit, static_argnames=("graphs", "sampling"), donate_argnames=("state", "cache"))
+def _decode(graphs: Graphs, weights: Weights, state: DecodeState, cache: DecodeCache,
+            until, stop_tokens, sampling: Sampling | None):
+    n = state.tokens.shape[1]
+    until = jnp.minimum(until, n)
+
+    def keep_going(carry):
+        state, cache = carry
+        room = jnp.max(cache.lengths) < cache.max_len
+        return (state.step < until) & ~jnp.all(state.done) & room
+
+    def step(carry):
+        state, cache = carry
+        logits, cache = forward(graphs, weights, state.last[:, None], cache)
+        logits = logits[:, 0]
+        if sampling is None or sampling.greedy:  # no key to split (nor threefry to compile)
+            key, new = state.key, sample(None, logits)
+        else:
+            key, sub = jax.random.split(state.key)
+            new = sample(sub, logits, sampling)
+        live = ~state.done
+        recorded = state.logits
+        if recorded is not None:
+            recorded = recorded.at[:, state.step].set(logits)
+        state = DecodeState(
+            tokens=state.tokens.at[:, state.step].set(jnp.where(live, new, PAD)),
+            counts=state.counts + live.astype(jnp.int32),
+            last=jnp.where(live, new, state.last),  # done rows keep feeding a real token
+            done=state.done | (live & jnp.isin(new, stop_tokens)),
+            step=state.step + 1, key=key, logits=recorded)
+        return state, cache
+
+    return jax.lax.while_loop(keep_going, step, (state, cache))
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in np.asarray(p).reshape(-1)]
+        if not p:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        bad = [t for t in p if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids {bad[:5]} outside the vocabulary "
+                             f"[0, {vocab_size})")
+        out.append(p)
+    return out
+
+
+def _check_stop_tokens(stop_tokens, vocab_size: int) -> jax.Array:
+    stops = [int(t) for t in stop_tokens]
+    bad = [t for t in stops if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab_size})")
+    stops = sorted(set(stops))
+    # Padded with -1 (never a token) to a multiple of 8, so the count is not a new shape.
+    width = max(8, _round_up(len(stops), 8))
+    return jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)
+
+
+class Engine:
+    """A model ready for inference: its per-layer weights and the jitted steps over them.
+
+    The block weights are copied once into per-layer arrays (see infer/forward.py); later
+    changes to `lm` are not seen, so build a new Engine after training further.
+    max_len: the largest cache (prompt + new tokens) this engine accepts; default the
+    model's max_position for learned position tables, else unlimited.
+    """
+
+    def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None):
+        self.cfg = lm.cfg
+        self.graphs, self.weights = split_model(lm)
+        if max_len is None and self.cfg.position == "learned":
+            max_len = self.cfg.max_position
+        if max_len is not None and max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len}")
+        self.max_len = max_len
+        self.cache_dtype = cache_dtype
+        self.prefixes = PrefixCache(self)
+
+    # Pieces --------------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int) -> DecodeCache:
+        return DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype)
+
+    def prefill(self, tokens, lengths, cache: DecodeCache, key, sampling=None):
+        """tokens [b,T] right-padded suffixes written after cache.lengths; lengths [b] real
+        lengths (>= 1). Returns (first new token [b], its logits [b,v], cache)."""
+        return _prefill(self.graphs, self.weights, jnp.asarray(tokens, jnp.int32),
+                        jnp.asarray(lengths, jnp.int32), cache, key, sampling)
+
+    def start(self, first, logits, key, *, max_new_tokens: int, stop_tokens=(),
+              record_logits: bool = False) -> DecodeState:
+        stops = _check_stop_tokens(stop_tokens, self.cfg.vocab_size)
+        return _start(first, logits, key, stops, max_new_tokens, record_logits)
+
+    def decode(self, state: DecodeState, cache: DecodeCache, *, stop_tokens=(),
+               sampling=None, until: int | None = None):
+        """Run the loop until step `until` (default: max_new_tokens), every row is done, or
+        the cache is full. state and cache are donated; returns the new (state, cache)."""
+        stops = _check_stop_tokens(stop_tokens, self.cfg.vocab_size)
+        until = state.tokens.shape[1] if until is None else until
+        return _decode(self.graphs, self.weights, state, cache, jnp.int32(until), stops,
+                       sampling)
+
+    # Whole requests ------------------------------------------------------------------
+    def check(self, prompts, max_new_tokens: int, stop_tokens=()) -> list[list[int]]:
+        """Validate a request (ValueError naming what is wrong); the prompts as int lists."""
+        if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        prompts = _check_prompts(prompts, self.cfg.vocab_size)
+        _check_stop_tokens(stop_tokens, self.cfg.vocab_size)
+        longest = max(len(p) for p in prompts)
+        if self.max_len is not None and longest + max_new_tokens - 1 > self.max_len:
+            raise ValueError(
+                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} needs "
+                f"{longest + max_new_tokens - 1} cache slots but the cache holds "
+                f"max_len={self.max_len}; shorten the prompt or ask for fewer tokens")
+        return prompts
+
+    def prefill_prompts(self, prompts: list[list[int]], max_new_tokens: int, key,
+                        sampling=None, prefix_cache: bool = False):
+        """Allocate the cache, copy in cached prefixes, prefill the rest of every prompt.
+        Returns (first tokens [b], their logits [b,v], cache)."""
+        matches = self.prefixes.plan(prompts) if prefix_cache else [None] * len(prompts)
+        starts = [0 if m is None else m.length for m in matches]
+        suffixes = [p[s:] for p, s in zip(prompts, starts)]
+        t = _round_up(max(len(s) for s in suffixes))
+        # Real tokens need len + max_new - 1 slots; padded writes (suffix prefill, prefix
+        # copies) need room too, since dynamic_update_slice would clamp, not drop, them.
+        slots = max(max(len(p) for p in prompts) + max_new_tokens - 1, max(starts) + t,
+                    max((m.slots for m in matches if m is not None), default=0))
+        cache = self.new_cache(len(prompts), _round_up(slots))
+        if prefix_cache:
+            cache = self.prefixes.fill(cache, matches)
+        tokens = np.zeros((len(prompts), t), np.int32)
+        for i, s in enumerate(suffixes):
+            tokens[i, :len(s)] = s
+        return self.prefill(tokens, [len(s) for s in suffixes], cache, key, sampling)
+
+    def generate(self, prompts, *, max_new_tokens: int, sampling: Sampling | None = None,
+                 seed: int = 0, stop_tokens=(), prefix_cache: bool = False,
+                 record_logits: bool = False):
+        """New tokens of each prompt (a stop token, when hit, is the last one returned).
+
+        prefix_cache: reuse the K/V of prefixes stored in `self.prefixes` (and store the
+        longest prefix shared by several prompts of this batch) instead of recomputing
+        it. record_logits: also return the per-step logits [b, max_new_tokens, v]."""
+        prompts = self.check(prompts, max_new_tokens, stop_tokens)
+        prefill_key, decode_key = jax.random.split(jax.random.key(seed))
+        first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
+                                                    sampling, prefix_cache)
+        state = self.start(first, logits, decode_key, max_new_tokens=max_new_tokens,
+                           stop_tokens=stop_tokens, record_logits=record_logits)
+        state, cache = self.decode(state, cache, stop_tokens=stop_tokens, sampling=sampling)
+        tokens, counts = jax.device_get((state.tokens, state.counts))
+        out = [row[:n].tolist() for row, n in zip(tokens, counts)]
+        return (out, np.asarray(state.logits)) if record_logits else out
+
+    def stream(self, prompts, *, max_new_tokens: int, sampling: Sampling | None = None,
+               seed: int = 0, stop_tokens=(), chunk: int = 8,
+               prefix_cache: bool = False) -> Iterator[list[list[int]]]:
+        """Like generate, but yields each row's newly produced tokens every `chunk` steps
+        (the same jitted loop, stopped and resumed)."""
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        prompts = self.check(prompts, max_new_tokens, stop_tokens)
+        prefill_key, decode_key = jax.random.split(jax.random.key(seed))
+        first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
+                                                    sampling, prefix_cache)
+        state = self.start(first, logits, decode_key, max_new_tokens=max_new_tokens,
+                           stop_tokens=stop_tokens)
+        sent, previous = np.zeros(len(prompts), np.int64), -1
+        while True:
+            tokens, counts, done, step = jax.device_get(
+                (state.tokens, state.counts, state.done, state.step))
+            yield [row[s:n].tolist() for row, s, n in zip(tokens, sent, counts)]
+            sent = counts.astype(np.int64)
+            if done.all() or step >= max_new_tokens or step == previous:
+                return  # finished, or no progress (the cache is full)
+            previous = step
+            state, cache = self.decode(state, cache, stop_tokens=stop_tokens,
+                                       sampling=sampling, until=int(step) + chunk)
+
+
+def generate(lm: CausalLM | Engine, prompts: list[list[int]], *, max_new_tokens: int,
+             sampling: Sampling | None = None, seed: int = 0, stop_tokens=(),
+             prefix_cache: bool = False) -> list[list[int]]:
+    """The new tokens (not the prompt) of each prompt, generated as one batch.
+
+    sampling=None is greedy; the same seed gives the same tokens. A row stops after its
+    first stop token (which is returned) or after max_new_tokens. Pass an Engine instead
+    of a CausalLM to keep its compiled steps' inputs and its prefix cache across calls."""
+    engine = lm if isinstance(lm, Engine) else Engine(lm)
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+                           seed=seed, stop_tokens=stop_tokens, prefix_cache=prefix_cache)
