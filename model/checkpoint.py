@@ -71,12 +71,19 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None):
     elif step not in steps:
         raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    graphdef, abstract_state, rest = nnx.split(abstract, nnx.Param, ...)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.state(abstract, nnx.Param).to_pure_dict())
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))[PARAMS_ITEM]
     mngr.close()
     nnx.replace_by_pure_dict(abstract_state, restored)
-    lm = nnx.merge(graphdef, abstract_state)
+    lm = nnx.merge(graphdef, abstract_state, initial_non_params(cfg) if rest else rest)
     return lm, load_tokenizer(meta["tokenizer"], base_dir=run_dir), step
+
+
+def initial_non_params(cfg: Config):
+    """The model's variables that are not Params (e.g. a MoE router's selection bias) at
+    their initial values, which "params" checkpoints do not store. Jitted, so the unused
+    parameter initialisation is dead code and never runs."""
+    return jax.jit(lambda: nnx.split(CausalLM(cfg, nnx.Rngs(0)), nnx.Param, ...)[2])()

@@ -137,3 +137,32 @@ def test_bad_input_is_one_line(argv, msg):
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2
     assert err.strip().count("\n") == 0 and msg in err, err
+
+
+def test_checkpoints_load_for_inference_including_non_param_state(tmp_path):
+    """What the trainer saves, load_run reads: params bit for bit, and a sigmoid MoE
+    router's selection bias (not a Param, not in the checkpoint) at its initial value."""
+    from jaxlm.model import Config
+    from jaxlm.model.checkpoint import write_run_file
+    from jaxlm.train.checkpoint import Checkpointer
+    from jaxlm.train.config import TrainConfig
+    from jaxlm.train.step import Model, init_state, make_optimizer
+    cfg = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
+                 n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16, router="sigmoid",
+                 n_shared_experts=1, max_position=64)
+    model = Model.create(cfg, 0)
+    tcfg = TrainConfig()
+    opt = make_optimizer(tcfg, model.init_params)
+    state = init_state(tcfg, cfg, model.init_params, opt)
+    run = str(tmp_path / "moe")
+    write_run_file(run, cfg, "byte", train=tcfg.to_dict())
+    ckpt = Checkpointer(run, keep=1)
+    ckpt.save(state, {"next_index": 0})
+    ckpt.close()
+    (loaded, step) = _params(run)
+    assert step == 0
+    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params)):
+        assert np.array_equal(x, np.asarray(y))
+    lm, _, _ = load_run(run)
+    logits = lm(np.zeros((1, 5), np.int32)).logits
+    assert np.isfinite(np.asarray(logits)).all()
