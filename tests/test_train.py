@@ -127,6 +127,21 @@ def test_aux_losses_are_weighted_by_key():
         TrainConfig(aux_loss_weights="balance=0.1")
 
 
+def test_moe_aux_losses_enter_the_step_loss_with_their_weights():
+    cfg = CFG.replace(n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16)
+    model = Model.create(cfg, 0)
+    tcfg = TrainConfig(aux_loss_weight=0.5, aux_loss_weights="router_z_loss=0.25")
+    loss, grads, parts = jax.jit(lambda p: loss_and_grads(model, tcfg, p, _batch()))(
+        model.init_params)
+    balance, z = float(parts["aux/load_balance_loss"]), float(parts["aux/router_z_loss"])
+    assert balance > 0 and z > 0
+    np.testing.assert_allclose(float(loss), float(parts["ce"]) + 0.5 * balance + 0.25 * z,
+                               rtol=1e-6)
+    router = [g for path, g in jax.tree_util.tree_leaves_with_path(grads)
+              if "router" in jax.tree_util.keystr(path)]
+    assert router and all(np.isfinite(g).all() and np.any(g != 0) for g in router)
+
+
 def test_z_loss_adds_mean_squared_logsumexp():
     batch = _batch()
     base, _, parts = _lg(_MODEL.init_params, batch)

@@ -5,8 +5,8 @@
 `--FIELD` sets a TrainConfig field below (`--steps 500`, `--corpus ./docs`);
 `--model.FIELD` sets a field of the model Config chosen by `--preset`
 (`--model.d_model 128`, `--model.dtype bfloat16`). A flag with no value sets a
-boolean field to true (`--resume`). Values are read as JSON where they parse
-(numbers, true/false, null, {"kind": "yarn", ...}) and as plain strings otherwise.
+boolean field to true (`--resume`). Text fields take the text as it is; other values
+are read as JSON (numbers, true/false, null, {"kind": "yarn", ...}).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class TrainConfig:
     clip_norm: float = 1.0           # global gradient norm limit; 0 turns clipping off
     z_loss: float = 0.0              # weight of mean(logsumexp(logits)²), e.g. 1e-4
     aux_loss_weight: float = 0.01    # weight of every model aux entry named "*_loss" (MoE)
-    aux_loss_weights: str = ""       # per-entry weights, "load_balance_loss=0.01,z_loss=1e-3"
+    aux_loss_weights: str = "router_z_loss=0.001"  # per-entry weights, "name_loss=w,..."
     loss_scale: str = "auto"         # "dynamic", "none", or "auto" (dynamic iff float16 compute)
     # Checkpoints, evaluation, output --------------------------------------------------------
     run_dir: str = ""                # default runs/<preset>-<timestamp>
@@ -136,10 +136,14 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _coerce(owner: str, name: str, field: dataclasses.Field, value: Any, hints) -> Any:
-    """Check a parsed value against the field's declared type; ints may stand for floats."""
+def _coerce(owner: str, name: str, text: str, hints) -> Any:
+    """The command-line text as a value of the field's declared type (a string field takes
+    the text as it is; ints may stand for floats)."""
     hint = hints[name]
     args = typing.get_args(hint) or (hint,)
+    if args == (str,):
+        return text
+    value = _parse_value(text)
     if value is None:
         if type(None) in args:
             return None
@@ -193,7 +197,7 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
                 text = "true"
             else:
                 text, i = nxt, i + 1
-        out[name] = _coerce(owner, name, fields[name], _parse_value(text), hints)
+        out[name] = _coerce(owner, name, text, hints)
         i += 1
     return train, model
 
