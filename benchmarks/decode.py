@@ -9,7 +9,9 @@ the same weights. Both sides are timed the same way, through their public genera
 
     decode time per token = (time(128 new tokens) - time(1 new token)) / 127
 
-so prompt processing cancels. The roofline is the time to read, once per step, every
+so prompt processing cancels. Rounds alternate jaxlm and transformers, and the ratio is the
+median of per-round ratios: this kind of shared VM swings ±20% within minutes, and a
+ratio of two medians taken minutes apart would measure the swing. The roofline is the time to read, once per step, every
 weight the step uses (all but the embedding table, of which only the batch's rows are
 read) plus the filled part of the KV cache, at the memory bandwidth measured in this run
 (the best of a matrix-vector product and a reduction over 256 MiB). Also reported: time to
@@ -83,15 +85,29 @@ def hf_generate(model, prompts: np.ndarray, n: int) -> np.ndarray:
     return out[:, prompts.shape[1]:].numpy()
 
 
-def per_token(run, new_tokens: int, reps: int) -> tuple[float, float]:
-    """(decode seconds per step, seconds for 1 new token), medians over reps; interleaved
-    so that load from other processes hits both lengths alike."""
-    long, short = [], []
-    for _ in range(reps):
-        short.append(_timed(lambda: run(1)))
-        long.append(_timed(lambda: run(new_tokens)))
-    return ((statistics.median(long) - statistics.median(short)) / (new_tokens - 1),
-            statistics.median(short))
+def per_token(runs: dict, new_tokens: int, rounds: int) -> dict[str, dict[str, float]]:
+    """Decode seconds per step of each named run (a function of the number of new tokens).
+
+    Each round times every run at 1 and at new_tokens tokens, back to back, so load from
+    other processes (this VM's memory bandwidth is shared) hits all of them alike:
+    step = (t(new_tokens) - t(1)) / (new_tokens - 1) per round, and per-round ratios
+    compare runs measured seconds apart. Returns per run: median step, best step, median
+    time for 1 token; and per pair "ratio" entries (median of per-round ratios)."""
+    steps = {name: [] for name in runs}
+    firsts = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            short = _timed(lambda: run(1))
+            long = _timed(lambda: run(new_tokens))
+            steps[name].append((long - short) / (new_tokens - 1))
+            firsts[name].append(short)
+    out = {name: dict(step=statistics.median(v), best=min(v),
+                      first=statistics.median(firsts[name])) for name, v in steps.items()}
+    names = list(runs)
+    for other in names[1:]:
+        out[other]["ratio"] = statistics.median(
+            o / j for o, j in zip(steps[other], steps[names[0]]))
+    return out
 
 
 def step_bytes(cfg, batch: int, filled: float) -> float:
@@ -143,7 +159,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--reps", type=int, default=7, help="interleaved timing rounds")
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-prefix", action="store_true")
     args = p.parse_args(argv)
@@ -169,18 +185,21 @@ def main(argv=None):
         jax_run = lambda k: engine.generate(as_lists, max_new_tokens=k)  # noqa: E731
         jax_tokens = jax_run(n)  # compiles (and the 1-token shape below)
         jax_run(1)
-        jax_step, jax_first = per_token(jax_run, n, args.reps)
-        filled = t + (n - 1) / 2  # mean cache positions attended per decode step
-        roof_step = step_bytes(cfg, b, filled) / best_bw
-        line = dict(batch=b, jax_ms=1e3 * jax_step, jax_tps=b / jax_step,
-                    ttft_ms=1e3 * jax_first, roof_ms=1e3 * roof_step,
-                    roof_frac=roof_step / jax_step)
+        runs = {"jaxlm": jax_run}
         if not args.skip_hf:
             hf_tokens = hf_generate(model, prompts, n)
-            hf_step, _ = per_token(lambda k: hf_generate(model, prompts, k), n, args.reps)
-            match = np.mean(np.asarray(jax_tokens) == hf_tokens)
-            line.update(hf_ms=1e3 * hf_step, hf_tps=b / hf_step, ratio=hf_step / jax_step,
-                        match=match)
+            runs["transformers"] = lambda k: hf_generate(model, prompts, k)  # noqa: E731
+        res = per_token(runs, n, args.reps)
+        jax_step = res["jaxlm"]["step"]
+        filled = t + (n - 1) / 2  # mean cache positions attended per decode step
+        roof_step = step_bytes(cfg, b, filled) / best_bw
+        line = dict(batch=b, jax_ms=1e3 * jax_step, jax_best_ms=1e3 * res["jaxlm"]["best"],
+                    jax_tps=b / jax_step, ttft_ms=1e3 * res["jaxlm"]["first"],
+                    roof_ms=1e3 * roof_step, roof_frac=roof_step / jax_step)
+        if not args.skip_hf:
+            hf = res["transformers"]
+            line.update(hf_ms=1e3 * hf["step"], hf_tps=b / hf["step"], ratio=hf["ratio"],
+                        match=np.mean(np.asarray(jax_tokens) == hf_tokens))
         rows.append(line)
         print(_format(line), flush=True)
     mib = engine.new_cache(max(args.batch), t + n).nbytes / 2**20
@@ -195,8 +214,8 @@ def main(argv=None):
 
 
 def _format(r) -> str:
-    s = (f"batch {r['batch']}: jaxlm {r['jax_ms']:.2f} ms/step = {r['jax_tps']:.1f} tok/s "
-         f"(first token {r['ttft_ms']:.1f} ms)")
+    s = (f"batch {r['batch']}: jaxlm {r['jax_ms']:.2f} ms/step (best {r['jax_best_ms']:.2f}) "
+         f"= {r['jax_tps']:.1f} tok/s (first token {r['ttft_ms']:.1f} ms)")
     if "hf_ms" in r:
         s += (f" | transformers {r['hf_ms']:.2f} ms/step = {r['hf_tps']:.1f} tok/s "
               f"| ratio {r['ratio']:.2f}x | tokens equal {100 * r['match']:.0f}%")

@@ -1,6 +1,7 @@
 """The decode cache: one preallocated buffer pair per layer, plus per-row lengths.
 
-    layers[i] = (k [b,S,k,d], v [b,S,k,dv])      for standard (MHA/GQA/MQA) attention
+    layers[i] = (k [b,k,S,d], v [b,k,S,dv])      for standard (MHA/GQA/MQA) attention
+              = (latent [b,S,r], k_rope [b,S,dr]) for MLA
     lengths   = [b] int32                        slots filled in each row
 
 Slot j of a row holds the token at position j, as in jaxlm.model.KVCache. The model's
@@ -17,7 +18,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.cache import create_cache
+from jaxlm.model.cache import SLOT_AXIS, create_cache
 from jaxlm.model.config import Config
 
 
@@ -41,7 +42,7 @@ class DecodeCache:
 
     @property
     def max_len(self) -> int:
-        return self.layers[0][0].shape[1]
+        return self.layers[0][0].shape[SLOT_AXIS]
 
     @property
     def nbytes(self) -> int:

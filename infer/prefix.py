@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.model.cache import SLOT_AXIS
+
 from .cache import DecodeCache
 
 BUCKET = 16
@@ -31,7 +33,7 @@ BUCKET = 16
 @dataclasses.dataclass
 class Prefix:
     tokens: tuple[int, ...]
-    layers: tuple        # per layer: buffers [1, slots, ...] (slots = length rounded up)
+    layers: tuple        # per layer: buffers [1, ..., slots, x] (slots = length rounded up)
 
     @property
     def length(self) -> int:
@@ -39,16 +41,16 @@ class Prefix:
 
     @property
     def slots(self) -> int:
-        return self.layers[0][0].shape[1]
+        return self.layers[0][0].shape[SLOT_AXIS]
 
 
 @partial(jax.jit, donate_argnames=("cache",))
 def _copy_into_rows(cache: DecodeCache, layers, rows, length):
     """cache rows where rows[b] get the prefix K/V at slots 0.. and lengths = length."""
     def put(buf, pre):
-        p = pre.shape[1]
+        first = (Ellipsis, slice(0, pre.shape[SLOT_AXIS]), slice(None))  # slots 0..p-1
         mask = rows.reshape((-1,) + (1,) * (buf.ndim - 1))
-        return buf.at[:, :p].set(jnp.where(mask, pre.astype(buf.dtype), buf[:, :p]))
+        return buf.at[first].set(jnp.where(mask, pre.astype(buf.dtype), buf[first]))
     new = tuple(tuple(put(b, p) for b, p in zip(layer, pre))
                 for layer, pre in zip(cache.layers, layers))
     return DecodeCache(new, jnp.where(rows, length, cache.lengths))

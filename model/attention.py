@@ -28,7 +28,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, *, rope=None, alibi=None, kv=None, starts=None,
                  segment_ids=None):
-        """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) [b,S,k,d] the new keys are
+        """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) [b,k,S,d] the new keys are
         written at slots `starts` [b] and attention runs over the cache; returns
         (out [b,t,d], updated kv or None)."""
         cfg = self.cfg
@@ -47,10 +47,13 @@ class Attention(nnx.Module):
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                 **common)
         else:
-            k_buf, v_buf = write_layer(kv[0], k, starts), write_layer(kv[1], v, starts)
-            b, s = k_buf.shape[:2]
+            heads_first = lambda a: a.transpose(0, 2, 1, 3)  # [b,t,k,d] <-> [b,k,t,d]
+            k_buf = write_layer(kv[0], heads_first(k), starts)
+            v_buf = write_layer(kv[1], heads_first(v), starts)
+            b, s = k_buf.shape[0], k_buf.shape[2]
             slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            out = ops.attention(q, k_buf.astype(q.dtype), v_buf.astype(q.dtype),
+            out = ops.attention(q, heads_first(k_buf).astype(q.dtype),
+                                heads_first(v_buf).astype(q.dtype),
                                 q_positions=positions, kv_positions=slots,
                                 kv_lengths=starts + x.shape[1], **common)
             kv = (k_buf, v_buf)

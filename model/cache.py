@@ -5,9 +5,14 @@ and `with_buffers`, which is all the layer scan needs to know about them.
 
 The standard cache stacks every layer's keys and values so the scanned layer loop
 slices one layer per step:
-    k [l, b, S, k, d]   v [l, b, S, k, dv]   lengths [b] (positions filled per row)
+    k [l, b, k, S, d]   v [l, b, k, S, dv]   lengths [b] (positions filled per row)
 Slot j of a row holds the token at position j. A forward pass over t new tokens
 writes them at slots lengths[b] .. lengths[b]+t-1 and returns lengths + t.
+
+In every buffer the slot axis S is the second-to-last (SLOT_AXIS), after the kv heads:
+attention contracts over d with (b, k) as batch dimensions, so with heads before slots
+each row's keys are already laid out as the dot wants them, and a decode step reads the
+cache in place instead of first transposing a copy of all of it.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from .config import Config
+
+SLOT_AXIS = -2  # the cache-slot axis of every buffer, stacked or per layer
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
@@ -33,7 +40,7 @@ class KVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.n_layers, batch, max_len, cfg.num_kv_heads, cfg.dim_per_head)
+        shape = (cfg.n_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch,), jnp.int32))
 
@@ -43,7 +50,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[SLOT_AXIS]
 
     @property
     def nbytes(self) -> int:
@@ -80,7 +87,7 @@ class MLACache:
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     batch = property(lambda self: self.latent.shape[1])
-    max_len = property(lambda self: self.latent.shape[2])
+    max_len = property(lambda self: self.latent.shape[SLOT_AXIS])
     nbytes = property(lambda self: self.latent.nbytes + self.k_rope.nbytes)
     buffers = property(lambda self: (self.latent, self.k_rope))
 
@@ -98,8 +105,10 @@ def create_cache(cfg: Config, batch: int, max_len: int, dtype=None):
 
 
 def write_layer(buf, new, starts):
-    """Write new [b,t,...] into buf [b,S,...] at per-row slot offsets starts [b]."""
+    """Write new [b,...,t,x] into buf [b,...,S,x] (slots on SLOT_AXIS) at per-row slot
+    offsets starts [b]."""
     def one(row_buf, row_new, start):
-        idx = (start,) + (0,) * (row_buf.ndim - 1)
+        idx = [0] * row_buf.ndim
+        idx[SLOT_AXIS] = start
         return jax.lax.dynamic_update_slice(row_buf, row_new.astype(row_buf.dtype), idx)
     return jax.vmap(one)(buf, new, starts)

