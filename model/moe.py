@@ -3,16 +3,26 @@
 The maths lives in jaxlm.ops.moe; this module holds the parameters and returns the
 balance losses beside the output (never in module state):
     y, aux = moe(x)      aux = {load_balance_loss, router_z_loss, dropped_fraction, expert_load}
+
+Traced under a mesh whose 'expert' axis is > 1 (`with jax.set_mesh(mesh)`), the routed
+experts run expert-parallel: each device keeps e/ep experts and token-slots travel to
+them by all-to-all (ops.moe.moe_expert_parallel); otherwise XLA partitions the chosen
+single-program dispatch.
 """
 from __future__ import annotations
 
+import math
+
+import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxlm.ops import moe as moe_ops
 
 from .config import Config
 from .layers import make_param, residual_std
+from .sharding import expert_parallel_size, logical_to_spec
 
 
 class RouterBias(nnx.Variable):
@@ -64,9 +74,15 @@ class MoE(nnx.Module):
         xf = x.reshape(b * t, d)
         routing = self.route(xf)
         w = lambda p: None if p is None else p[...].astype(dtype)  # noqa: E731
-        y, dropped = moe_ops.routed_experts(
-            xf, routing, w(self.gate), w(self.up), w(self.down), dispatch=cfg.moe_dispatch,
-            activation=cfg.activation, capacity_factor=cfg.capacity_factor)
+        ep = expert_parallel_size()
+        if ep > 1 and cfg.moe_dispatch != "dense" and cfg.n_experts % ep == 0:
+            y, dropped = self._expert_parallel(xf, b, routing, w(self.gate), w(self.up),
+                                               w(self.down))
+        else:
+            y, dropped = moe_ops.routed_experts(
+                xf, routing, w(self.gate), w(self.up), w(self.down),
+                dispatch=cfg.moe_dispatch, activation=cfg.activation,
+                capacity_factor=cfg.capacity_factor)
         if self.shared_up is not None:
             y = moe_ops.add_shared_experts(
                 y, xf, w(self.shared_gate_proj), w(self.shared_up), w(self.shared_down),
@@ -77,3 +93,31 @@ class MoE(nnx.Module):
                "dropped_fraction": dropped,
                "expert_load": load / load.sum()}
         return y.reshape(b, t, d), aux
+
+    def _expert_parallel(self, xf, b, routing, w_gate, w_up, w_down):
+        """The routed experts split over the mesh's 'expert' axis (ops.moe_expert_parallel
+        under shard_map); tokens stay split over the batch axes as they arrive."""
+        cfg = self.cfg
+        mesh = jax.sharding.get_abstract_mesh()
+        rows = logical_to_spec(("batch",), (b,), mesh)[0]  # the axes splitting the batch
+        n_shards = math.prod(mesh.shape[a] for a in
+                             ((rows,) if isinstance(rows, str) else rows or ()))
+        n_local, k = xf.shape[0] // n_shards, cfg.n_experts_per_tok
+        capacity = None  # dropless: room for every slot
+        if cfg.moe_dispatch == "capacity":
+            ep = mesh.shape["expert"]
+            capacity = min(n_local * k, math.ceil(cfg.capacity_factor * n_local * k / ep))
+        gated = w_gate is not None
+
+        def local(x, weights, experts, *w):
+            routed = moe_ops.Routing(weights, experts, None, None)
+            return moe_ops.moe_expert_parallel(
+                x, routed, w[0] if gated else None, w[-2], w[-1], axis_name="expert",
+                capacity=capacity, activation=cfg.activation)
+
+        tok, experts = P(rows, None), P("expert", None, None)
+        weights = (w_gate, w_up, w_down) if gated else (w_up, w_down)
+        y, kept = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok) + (experts,) *
+                                len(weights), out_specs=(tok, tok), check_vma=False)(
+            xf, routing.weights, routing.experts, *weights)
+        return y, jnp.mean((~kept).astype(jnp.float32))

@@ -6,6 +6,10 @@ axis: sharding is JAX's own runtime (jax.jit with NamedSharding over a Mesh).
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
     lm = create_sharded(cfg, mesh)           # parameters born sharded, never gathered
+    batch = global_batch(host_arrays, mesh)  # rows over data/fsdp/expert, any number of hosts
+
+Multi-host: every process calls init_distributed(...) first; make_mesh then spans the
+devices of all processes (jax.devices() is global) and jit runs one SPMD program.
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import math
 from typing import Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -121,3 +126,65 @@ def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence
                         rules=DEFAULT_RULES) -> NamedSharding:
     """Sharding of an activation/cache/batch array from logical names, e.g. ('batch', 'length')."""
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings of the model's parameters as a plain nested dict (the layout of
+    `checkpoint.params_of`, which the trainer's state uses)."""
+    from .transformer import CausalLM
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+    shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
+    return shardings.to_pure_dict()
+
+
+def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0,
+                   rules=DEFAULT_RULES) -> NamedSharding:
+    """Rows (dim `batch_dim`) split over the 'batch' rule's axes; other dims replicated."""
+    names = [None] * len(shape)
+    names[batch_dim] = "batch"
+    return activation_sharding(mesh, names, shape, rules)
+
+
+def global_batch(batch, mesh: Mesh, batch_dim: int = 0, rules=DEFAULT_RULES):
+    """Host numpy arrays holding the whole global batch → jax Arrays sharded over the
+    mesh by rows. Every process passes the same global batch (token ids: a few KB) and
+    contributes only the rows its own devices hold, so one call serves one host and many.
+    """
+    def put(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.shape, batch_dim, rules)
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return jax.tree.map(put, batch)
+
+
+def expert_parallel_size(mesh=None) -> int:
+    """Size of the 'expert' axis of the mesh in context (jax.set_mesh), 1 without one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh is None or mesh.empty:
+        return 1
+    return dict(mesh.shape).get("expert", 1)
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 1, process_id: int = 0):
+    """Join a multi-process (multi-host) run through jax.distributed, before any device
+    is touched. coordinator: "" (one process: nothing to do), "auto" (let JAX detect the
+    cluster: Cloud TPU, SLURM, Open MPI, Kubernetes), or "HOST:PORT" of process 0 with
+    num_processes and this process's process_id. CPU processes talk through gloo."""
+    if not coordinator:
+        if num_processes != 1:
+            raise ValueError(f"num_processes={num_processes} needs a coordinator "
+                             f"HOST:PORT (or 'auto')")
+        return
+    # CPU collectives across processes need an implementation; GPUs/TPUs ignore this.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if coordinator == "auto":
+        jax.distributed.initialize()
+        return
+    if num_processes < 2 or not 0 <= process_id < num_processes:
+        raise ValueError(f"a coordinator needs num_processes >= 2 and 0 <= process_id < "
+                         f"num_processes; got {num_processes} and {process_id}")
+    jax.distributed.initialize(coordinator, num_processes, process_id)

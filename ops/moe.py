@@ -18,6 +18,8 @@ Dispatches (all give the same output where no token is dropped):
   moe_capacity  Switch/GShard: fixed capacity c per expert, [n,e,c] dispatch and
                 combine tensors, token-slots over capacity dropped.
   moe_dropless  token-slots sorted by expert, grouped matmuls (lax.ragged_dot).
+  moe_expert_parallel  experts split over a mesh axis (inside shard_map): token-slots
+                travel to their expert's device and back by all-to-all.
 
 Router logits, probabilities, gate weights and the final weighted combine are
 float32 whatever the activation dtype; expert matmuls run in the weights' dtype.
@@ -318,6 +320,53 @@ def moe_dropless(x, routing: Routing, w_gate, w_up, w_down, *, activation: str =
     out = jnp.einsum("nkd,nk->nd", unsorted.astype(jnp.float32),
                      routing.weights.astype(jnp.float32))
     return out.astype(x.dtype)
+
+
+def moe_expert_parallel(x, routing: Routing, w_gate, w_up, w_down, *, axis_name: str,
+                        capacity: int | None = None, activation: str = "silu"):
+    """Expert parallelism: run inside shard_map, one call per device of `axis_name`.
+
+    The e experts are split into ep = axis_size contiguous blocks; this device holds block
+    r (w_* [e/ep, ...]) and its own tokens x [n,d] with their routing over all e experts.
+    Each token-slot goes to the device owning its expert through one all-to-all into
+    fixed [ep, c, d] buffers (c slots per source→destination pair), the local experts run
+    as grouped matmuls over what arrived (empty slots sorted last and skipped), a second
+    all-to-all brings the results back, and they are combined by gate weight here.
+
+    capacity: c; None → n·k, which can never overflow (dropless, the buffers padded for
+    the worst case). A smaller c drops slots past it, in token order per destination.
+    Returns (y [n,d] in x's dtype, kept [n,k] bool: slots that were not dropped).
+    """
+    e_local = _check_experts(x, routing, w_gate, w_up, w_down)
+    ep = jax.lax.psum(1, axis_name)
+    n, k = routing.experts.shape
+    d = x.shape[1]
+    c = n * k if capacity is None else capacity
+    flat = routing.experts.reshape(-1)                        # slot s = (token s//k, choice)
+    dest, local = flat // e_local, flat % e_local
+    to = jax.nn.one_hot(dest, ep, dtype=jnp.int32)            # [n·k, ep]
+    pos = jnp.sum((jnp.cumsum(to, axis=0) - 1) * to, axis=-1)  # rank among slots to dest
+    kept = pos < c
+    pos = jnp.where(kept, pos, c)                              # out of range: dropped
+    send_x = jnp.zeros((ep, c, d), x.dtype).at[dest, pos].set(x[jnp.arange(n * k) // k],
+                                                             mode="drop")
+    send_e = jnp.full((ep, c), e_local, jnp.int32).at[dest, pos].set(local, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, axis_name, 0, 0, tiled=True).reshape(ep * c, d)
+    recv_e = jax.lax.all_to_all(send_e, axis_name, 0, 0, tiled=True).reshape(ep * c)
+    # Empty slots carry expert id e_local: sorted after every real group, and rows past
+    # the groups' total come out of ragged_dot as zeros.
+    order = jnp.argsort(recv_e, stable=True)
+    sizes = jnp.bincount(recv_e, length=e_local + 1)[:e_local].astype(jnp.int32)
+    xs = recv_x[order]
+    up = jax.lax.ragged_dot(xs, w_up, sizes)
+    gate = None if w_gate is None else jax.lax.ragged_dot(xs, w_gate, sizes)
+    ys = jax.lax.ragged_dot(_ffn(up, gate, activation), w_down, sizes)
+    ys = ys[jnp.argsort(order)].reshape(ep, c, d)
+    back = jax.lax.all_to_all(ys, axis_name, 0, 0, tiled=True)          # [ep, c, d]
+    got = back.at[dest, pos].get(mode="fill", fill_value=0).reshape(n, k, d)
+    out = jnp.einsum("nkd,nk->nd", got.astype(jnp.float32),
+                     routing.weights.astype(jnp.float32) * kept.reshape(n, k))
+    return out.astype(x.dtype), kept.reshape(n, k)
 
 
 def routed_experts(x, routing: Routing, w_gate, w_up, w_down, *, dispatch: str = "dropless",
