@@ -22,7 +22,11 @@ ITEMS = (PARAMS_ITEM, TRAIN_ITEM, DATA_ITEM)
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    """Shapes, dtypes and shardings of the template: orbax restores each array straight
+    into the template's shards (any mesh, any number of processes), never whole first."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                       sharding=getattr(x, "sharding", None)),
+                        tree)
 
 
 class Checkpointer:

@@ -56,6 +56,14 @@ def _resume(train_over: dict, model_over: dict):
     return tcfg, cfg, step
 
 
+def join_processes(argv: list[str]) -> None:
+    """Multi-host runs: jax.distributed joins the processes before any device is used."""
+    from jaxlm.model.sharding import init_distributed
+    over, _ = parse_overrides(argv)
+    init_distributed(over.get("coordinator", ""), over.get("num_processes", 1),
+                     over.get("process_id", 0))
+
+
 def use_compilation_cache() -> None:
     """Keep compiled programs on disk (JAX's persistent cache) so that a second run or a
     resume of the same shapes starts in seconds; JAX_COMPILATION_CACHE_DIR overrides the
@@ -75,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     use_compilation_cache()
     try:
+        join_processes(argv)
         tcfg, cfg, resume_step, vocab_from_tokenizer = resolve(argv)
         if resume_step is not None and resume_step >= tcfg.steps:
             print(f"{tcfg.run_dir} is already at step {resume_step} of {tcfg.steps}; raise "
@@ -88,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    report(summary)
+    import jax
+    if jax.process_index() == 0:
+        report(summary)
     return 0
 
 

@@ -60,6 +60,12 @@ class TrainConfig:
     sample_prompt: str = "def "
     progress: bool = True            # the progress bar (metrics.jsonl is always written)
     plot: bool = True                # loss.png at the end
+    # Devices and hosts ---------------------------------------------------------------------
+    mesh: str = ""                   # e.g. "data=2,fsdp=2,tensor=2" (axes data, fsdp, tensor,
+                                     # expert, sequence; one size may be -1); "" = one device
+    coordinator: str = ""            # multi-host: "HOST:PORT" of process 0, or "auto"
+    num_processes: int = 1           # with --coordinator HOST:PORT: processes in the run
+    process_id: int = 0              # with --coordinator HOST:PORT: this process's index
 
     def __post_init__(self):
         def bad(field, why):
@@ -78,6 +84,12 @@ class TrainConfig:
             bad("val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.lr <= 0:
             bad("lr", f"must be > 0, got {self.lr}")
+        if self.mesh:
+            from jaxlm.model.sharding import parse_mesh_spec
+            try:
+                parse_mesh_spec(self.mesh)
+            except ValueError as e:
+                bad("mesh", str(e))
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         for f in ("weight_decay", "clip_norm", "z_loss", "aux_loss_weight", "eps"):
@@ -115,6 +127,8 @@ class TrainConfig:
 RESUME_MAY_CHANGE = frozenset({
     "steps", "run_dir", "resume", "checkpoint_every", "keep", "eval_every", "eval_batches",
     "log_every", "sample_tokens", "sample_prompt", "progress", "plot",
+    # where the arrays live, not what they hold: a checkpoint restores onto any mesh
+    "mesh", "coordinator", "num_processes", "process_id",
 })
 
 

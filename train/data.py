@@ -163,8 +163,10 @@ def make_tokenizer(spec: str, train_docs, run_dir: str, resume: bool = False):
         return load_tokenizer(TOKENIZER_FILE, base_dir=run_dir), TOKENIZER_FILE
     tok = load_tokenizer(spec)
     os.makedirs(run_dir, exist_ok=True)
-    with open(tok.path, "rb") as src, open(saved, "wb") as dst:
+    tmp = f"{saved}.{os.getpid()}.tmp"
+    with open(tok.path, "rb") as src, open(tmp, "wb") as dst:
         dst.write(src.read())  # the run keeps its own copy
+    os.replace(tmp, saved)
     return load_tokenizer(TOKENIZER_FILE, base_dir=run_dir), TOKENIZER_FILE
 
 
@@ -177,8 +179,9 @@ def _train_bpe(docs: list[str], size: int, path: str) -> None:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tok.save(path + ".tmp")
-    os.replace(path + ".tmp", path)
+    tmp = f"{path}.{os.getpid()}.tmp"  # processes of one run may share the folder
+    tok.save(tmp)
+    os.replace(tmp, path)
 
 
 def token_dtype(vocab_size: int):

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxlm.model import Config
 from jaxlm.model.checkpoint import write_run_file
+from jaxlm.model.sharding import make_mesh
 
 from . import data as D
 from .checkpoint import Checkpointer
@@ -27,6 +28,13 @@ from .step import (Model, count_params, flops_per_token, init_state, make_eval_s
                    make_optimizer, make_train_step)
 
 RUNS = "runs"
+
+
+class NoLog:
+    """Stands in for MetricsLog on processes other than the first."""
+
+    def write(self, record: dict) -> None:
+        pass
 
 
 class TrainingDiverged(ValueError):
@@ -76,15 +84,15 @@ def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_toke
     return cfg, tokenizer, train_stream, val_stream
 
 
-def build(tcfg: TrainConfig, cfg: Config):
-    """(Model, optimizer, initial TrainState)."""
+def build(tcfg: TrainConfig, cfg: Config, mesh=None):
+    """(Model, optimizer, initial TrainState), born sharded over the mesh when given."""
     try:
-        model = Model.create(cfg, tcfg.seed)
+        model = Model.create(cfg, tcfg.seed, mesh)
     except ModuleNotFoundError as e:  # e.g. a MoE preset before jaxlm.model.moe exists
         raise ValueError(f"--preset {tcfg.preset}: this jaxlm cannot build it yet "
                          f"({e}); choose another preset") from None
     optimizer = make_optimizer(tcfg, model.init_params)
-    state = init_state(tcfg, cfg, model.init_params, optimizer)
+    state = init_state(tcfg, cfg, model.init_params, optimizer, mesh)
     model.init_params = None  # the state owns the parameters from here on
     return model, optimizer, state
 
@@ -100,39 +108,48 @@ def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
     os.makedirs(tcfg.run_dir, exist_ok=True)
     cfg, tokenizer, train_stream, val_stream = prepare_data(
         tcfg, cfg, resume_step is not None, vocab_from_tokenizer)
-    model, optimizer, state = build(tcfg, cfg)
+    mesh = make_mesh(tcfg.mesh) if tcfg.mesh else None
+    model, optimizer, state = build(tcfg, cfg, mesh)
     ckpt = Checkpointer(tcfg.run_dir, tcfg.keep)
     it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
     if resume_step is not None:
         state, data_state = ckpt.restore(state, resume_step)
         it.set_state(data_state)
+    lead = jax.process_index() == 0  # one process reports and writes run files
+    log = log if lead else (lambda *a, **k: None)
     log(f"run {tcfg.run_dir}: {tcfg.preset} ({count_params(state.params) / 1e6:.2f}M "
         f"parameters, {cfg.dtype} compute), {tcfg.corpus}: {len(train_stream):,} train / "
         f"{len(val_stream):,} val tokens, tokenizer {tcfg.tokenizer} "
         f"({tokenizer.vocab_size}), " + (f"resuming at step {int(state.step)}"
-                                         if resume_step is not None else "from scratch"))
+                                         if resume_step is not None else "from scratch")
+        + (f", mesh {dict(mesh.shape)} over {jax.process_count()} process(es)" if mesh else ""))
     val = D.val_batches(val_stream, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
     tokens_per_step = tcfg.seq_len * tcfg.batch_size * tcfg.grad_accum
-    speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len),
-                       measure_matmul_peak(cfg.dtype))
+    peak = measure_matmul_peak(cfg.dtype)
+    if mesh is not None and jax.default_backend() != "cpu":  # emulated CPU devices share cores
+        peak *= mesh.size
+    speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len), peak)
     try:
-        state, summary = run_steps(tcfg, make_train_step(model, tcfg, optimizer),
-                                   make_eval_step(model), state, it, val, ckpt, speed,
-                                   MetricsLog(tcfg.run_dir, resume_step))
+        state, summary = run_steps(
+            tcfg, make_train_step(model, tcfg, optimizer, mesh), make_eval_step(model, mesh),
+            state, it, val, ckpt, speed,
+            MetricsLog(tcfg.run_dir, resume_step) if lead else NoLog(), quiet=not lead)
     finally:
         ckpt.close()
     summary.update(run_dir=tcfg.run_dir, seconds=time.perf_counter() - t_start)
-    if tcfg.plot:
+    if tcfg.plot and lead:
         summary["plot"] = plot_losses(tcfg.run_dir)
     if tcfg.sample_tokens:
         summary["sample"] = generate_text(model.module(state.params), tokenizer,
-                                          tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed)
+                                          tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed,
+                                          mesh=mesh)
     return summary
 
 
-def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log):
+def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log,
+              quiet: bool = False):
     """The loop proper: step, check, report, evaluate, checkpoint. (state, summary)."""
-    bar = Progress(tcfg.progress, tcfg.steps, int(state.step))
+    bar = Progress(tcfg.progress, tcfg.steps, int(state.step), quiet)
     sleep = float(os.environ.get("JAXLM_TRAIN_STEP_SLEEP", "0"))
     first_loss = last_loss = val_loss = None
     try:

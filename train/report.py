@@ -85,10 +85,12 @@ def plot_losses(run_dir: str) -> str | None:
 
 
 class Progress:
-    """A tqdm bar with loss, tokens/s and MFU, or silence (progress=False)."""
+    """A tqdm bar with loss, tokens/s and MFU, or plain lines (progress=False), or
+    nothing at all (quiet: the other processes of a multi-host run)."""
 
-    def __init__(self, enabled: bool, total: int, initial: int):
-        self.bar = None
+    def __init__(self, enabled: bool, total: int, initial: int, quiet: bool = False):
+        self.bar, self.quiet = None, quiet
+        enabled = enabled and not quiet
         if enabled:
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, desc="train", unit="step",
@@ -102,7 +104,7 @@ class Progress:
     def write(self, text: str) -> None:
         if self.bar is not None:
             self.bar.write(text)
-        else:
+        elif not self.quiet:
             print(text, flush=True)
 
     def close(self) -> None:

@@ -9,14 +9,14 @@ TEMPERATURE, TOP_P = 0.8, 0.95
 
 
 def generate_text(lm: CausalLM, tokenizer, prompt: str, max_new_tokens: int,
-                  seed: int = 0) -> str:
-    from jaxlm.infer import Sampling, generate  # imported here: training never needs it
+                  seed: int = 0, mesh=None) -> str:
+    from jaxlm.infer import Engine, Sampling, generate  # imported here: training never needs it
     ids = tokenizer.encode(prompt) or [0]
     room = lm.cfg.max_position - len(ids)
     if room < 1:
         raise ValueError(f"--sample_prompt is {len(ids)} tokens; the model holds "
                          f"{lm.cfg.max_position} positions")
     sampling = Sampling(temperature=TEMPERATURE, top_p=TOP_P)
-    new = generate(lm, [ids], max_new_tokens=min(max_new_tokens, room), sampling=sampling,
-                   seed=seed)[0]
+    new = generate(Engine(lm, mesh=mesh), [ids], max_new_tokens=min(max_new_tokens, room),
+                   sampling=sampling, seed=seed)[0]
     return prompt + tokenizer.decode(new)

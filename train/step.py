@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from jaxlm.model import CausalLM, Config
+from jaxlm.model import sharding
 
 from .config import TrainConfig
 
@@ -49,13 +51,14 @@ class Model:
         self.init_params = state.to_pure_dict()
 
     @classmethod
-    def create(cls, cfg: Config, seed: int) -> "Model":
+    def create(cls, cfg: Config, seed: int, mesh: Mesh | None = None) -> "Model":
         """A freshly initialised model. The initialisation runs as one jitted program (one
         compile per parameter layout, which a persistent compilation cache keeps across
-        runs) rather than op by op."""
+        runs) rather than op by op; with a mesh, every variable is born in its shards."""
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
         # Compute dtype, remat and kernel choice never change the parameters.
-        init = _initializer(cfg.replace(dtype="float32", remat="none", attention_impl="xla"))
+        init = _initializer(cfg.replace(dtype="float32", remat="none", attention_impl="xla"),
+                            mesh)
         return cls(nnx.merge(graphdef, init(jnp.asarray(seed, jnp.int32))))
 
     def module(self, params) -> CausalLM:
@@ -65,8 +68,13 @@ class Model:
 
 
 @functools.lru_cache(maxsize=8)
-def _initializer(cfg: Config):
-    return jax.jit(lambda seed: nnx.split(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))[1])
+def _initializer(cfg: Config, mesh: Mesh | None = None):
+    def init(seed):
+        return nnx.split(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))[1]
+    if mesh is None:
+        return jax.jit(init)
+    abstract = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    return jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))
 
 
 def count_params(params, exclude_embeddings: bool = False) -> int:
@@ -118,13 +126,37 @@ def uses_loss_scale(tcfg: TrainConfig, cfg: Config) -> bool:
     return tcfg.loss_scale == "dynamic" or (tcfg.loss_scale == "auto" and cfg.dtype == "float16")
 
 
-def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer) -> TrainState:
-    scale = INIT_SCALE if uses_loss_scale(tcfg, cfg) else 1.0
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params),
-                      rng=jax.random.PRNGKey(tcfg.seed + 1),
-                      loss_scale=jnp.asarray(scale, jnp.float32),
-                      good_steps=jnp.zeros((), jnp.int32))
+def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer,
+               mesh: Mesh | None = None) -> TrainState:
+    """The step-0 state. With a mesh the optimizer state is created in the shards of the
+    parameters it mirrors (Adam's moments), scalars replicated."""
+    def make(params):
+        scale = INIT_SCALE if uses_loss_scale(tcfg, cfg) else 1.0
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params),
+                          rng=jax.random.PRNGKey(tcfg.seed + 1),
+                          loss_scale=jnp.asarray(scale, jnp.float32),
+                          good_steps=jnp.zeros((), jnp.int32))
+    if mesh is None:
+        return make(params)
+    return jax.jit(make, out_shardings=state_shardings(tcfg, cfg, optimizer, mesh))(params)
+
+
+def state_shardings(tcfg: TrainConfig, cfg: Config, optimizer, mesh: Mesh) -> TrainState:
+    """Where every TrainState array lives: parameters by the logical-axis rules, the
+    optimizer's parameter-shaped state like its parameter, everything else replicated."""
+    params = sharding.param_shardings(cfg, mesh)
+    rep = sharding.replicated(mesh)
+    opt = optax.tree_map_params(optimizer, lambda _, s: s,
+                                jax.eval_shape(optimizer.init, _abstract_params(cfg)), params,
+                                transform_non_params=lambda _: rep)
+    return TrainState(step=rep, params=params, opt_state=opt, rng=rep, loss_scale=rep,
+                      good_steps=rep)
+
+
+def _abstract_params(cfg: Config):
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
+    return nnx.state(abstract, nnx.Param).to_pure_dict()
 
 
 # Loss --------------------------------------------------------------------------------
@@ -185,8 +217,12 @@ def loss_and_grads(model: Model, tcfg: TrainConfig, params, batch, scale=1.0):
     return loss, grads, parts
 
 
-def make_train_step(model: Model, tcfg: TrainConfig, optimizer):
-    """The jitted pure function (state, batch) -> (state, metrics); the state is donated."""
+def make_train_step(model: Model, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None):
+    """The jitted pure function (state, batch) -> (state, metrics); the state is donated.
+
+    With a mesh: jax.jit with the state's shardings as outputs (inputs come sharded), the
+    host batch [accum, b, t] laid out over the mesh by rows, metrics replicated, and the
+    mesh in context while tracing (MoE layers then run expert-parallel)."""
     dynamic = uses_loss_scale(tcfg, model.cfg)
     lr_at = schedule(tcfg)
 
@@ -214,10 +250,22 @@ def make_train_step(model: Model, tcfg: TrainConfig, optimizer):
                    "loss_scale": new.loss_scale, "skipped": skipped, **parts}
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if mesh is None:
+        return jax.jit(step, donate_argnums=0)
+    shardings = (state_shardings(tcfg, model.cfg, optimizer, mesh), sharding.replicated(mesh))
+    return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1)
 
 
-def make_eval_step(model: Model):
+def _on_mesh(jitted, mesh: Mesh, batch_dim: int):
+    """jitted(first, batch) run under the mesh, with the host batch made global first."""
+    def run(first, batch):
+        with jax.set_mesh(mesh):
+            return jitted(first, sharding.global_batch(batch, mesh, batch_dim))
+    run.jitted = jitted  # for lowering/inspection (under jax.set_mesh, on a global batch)
+    return run
+
+
+def make_eval_step(model: Model, mesh: Mesh | None = None):
     """Jitted (params, batch [b,t]) -> (cross-entropy sum, token count)."""
     def evaluate(params, batch):
         lm = model.module(params)
@@ -226,7 +274,9 @@ def make_eval_step(model: Model):
         mask = batch["loss_mask"].astype(jnp.float32)
         ce, _ = token_losses(logits, batch["targets"])
         return jnp.sum(ce * mask), jnp.sum(mask)
-    return jax.jit(evaluate)
+    if mesh is None:
+        return jax.jit(evaluate)
+    return _on_mesh(jax.jit(evaluate, out_shardings=sharding.replicated(mesh)), mesh, 0)
 
 
 def flops_per_token(cfg: Config, params, seq_len: int) -> float:
