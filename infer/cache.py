@@ -17,9 +17,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.model.cache import SLOT_AXIS, create_cache
 from jaxlm.model.config import Config
+from jaxlm.model.sharding import activation_sharding
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths"], meta_fields=[])
@@ -29,12 +31,21 @@ class DecodeCache:
     lengths: jax.Array   # [b] int32
 
     @classmethod
-    def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "DecodeCache":
-        """Zero buffers for `batch` rows of `max_len` slots, shaped as the model's cache."""
+    def create(cls, cfg: Config, batch: int, max_len: int, dtype=None,
+               mesh: Mesh | None = None) -> "DecodeCache":
+        """Zero buffers for `batch` rows of `max_len` slots, shaped as the model's cache;
+        with a mesh, born split over rows (batch axes) and kv heads (tensor)."""
         stacked = jax.eval_shape(lambda: create_cache(cfg, batch, max_len, dtype))
-        layers = tuple(tuple(jnp.zeros(buf.shape[1:], buf.dtype) for buf in stacked.buffers)
+
+        def zeros(shape, dtype):
+            where = None if mesh is None else cache_sharding(mesh, jax.ShapeDtypeStruct(
+                shape, dtype))
+            return jnp.zeros(shape, dtype, device=where)
+        layers = tuple(tuple(zeros(buf.shape[1:], buf.dtype) for buf in stacked.buffers)
                        for _ in range(cfg.n_layers))
-        return cls(layers=layers, lengths=jnp.zeros((batch,), jnp.int32))
+        lengths = jnp.zeros((batch,), jnp.int32,
+                            device=None if mesh is None else NamedSharding(mesh, P()))
+        return cls(layers=layers, lengths=lengths)
 
     @property
     def batch(self) -> int:
@@ -50,6 +61,12 @@ class DecodeCache:
 
     def replace(self, **changes) -> "DecodeCache":
         return dataclasses.replace(self, **changes)
+
+
+def cache_sharding(mesh: Mesh, buf) -> NamedSharding:
+    """Rows over the batch axes and, for [b,k,S,d] K/V buffers, kv heads over tensor."""
+    names = ("batch", "kv_heads", None, None) if buf.ndim == 4 else ("batch", None, None)
+    return activation_sharding(mesh, names, buf.shape)
 
 
 def cache_bytes(cfg: Config, batch: int, max_len: int, dtype=None) -> int:

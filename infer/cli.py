@@ -3,6 +3,7 @@
     python -m jaxlm.infer --checkpoint runs/tiny --prompt "Once upon a time" --max-new-tokens 64
     python -m jaxlm.infer --hf ~/models/Qwen3-0.6B --prompt "Hi" --temperature 0.7 --top-p 0.9
     python -m jaxlm.infer --hf DIR --prompt-ids 1,2,3 --bench
+    python -m jaxlm.infer --hf DIR --prompt "Hi" --mesh tensor=8    # one host, 8 devices
 
 Text streams to the terminal as it is produced (the decode loop runs in chunks of
 --chunk steps). --bench prints prefill and decode tokens/s, time to first token and the
@@ -45,6 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=8, help="decode steps between prints")
     p.add_argument("--bench", action="store_true",
                    help="print prefill/decode tokens/s, time to first token, cache memory")
+    p.add_argument("--mesh", metavar="SPEC", help="shard over devices, e.g. data=2,tensor=4 "
+                   "(axes data, fsdp, tensor, expert, sequence)")
+    p.add_argument("--coordinator", default="", metavar="HOST:PORT",
+                   help="multi-host: process 0's address (or 'auto'); every host runs the "
+                   "same command with its own --process-id")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -64,6 +72,12 @@ def check_args(args) -> None:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
+    if args.mesh:
+        from jaxlm.model.sharding import parse_mesh_spec
+        try:
+            parse_mesh_spec(args.mesh)
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
     try:
         Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
     except ValueError as e:  # name the flag, not the field
@@ -86,18 +100,20 @@ def check_args(args) -> None:
             raise ValueError("--prompt-ids is empty; give at least one token id")
 
 
-def load(args):
-    """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf."""
+def load(args, mesh=None):
+    """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf, parameters
+    placed straight into their shards when a mesh is given."""
     from jaxlm.model.tokenizer import HFTokenizer
     if args.checkpoint:
         import absl.logging  # orbax warns about read-only managers on every restore
         absl.logging.set_verbosity(absl.logging.ERROR)
         from jaxlm.model.checkpoint import load_run
-        lm, tokenizer, step = load_run(args.checkpoint, step=args.step, dtype=args.dtype)
+        lm, tokenizer, step = load_run(args.checkpoint, step=args.step, dtype=args.dtype,
+                                       mesh=mesh)
         print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)
         return lm, tokenizer, []
     from jaxlm.model.hf import from_hf
-    lm = from_hf(args.hf, dtype=args.dtype)
+    lm = from_hf(args.hf, dtype=args.dtype, mesh=mesh)
     tok_path = os.path.join(args.hf, "tokenizer.json")
     tokenizer = HFTokenizer(tok_path) if os.path.isfile(tok_path) else None
     if tokenizer is None and args.prompt:
@@ -161,9 +177,15 @@ def bench(engine, prompts, args, sampling, stops) -> None:
 
 def run(args) -> None:
     check_args(args)
+    from jaxlm.model.sharding import init_distributed, make_mesh
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    import jax
+    if jax.process_index() != 0:  # every process computes; the first one prints
+        sys.stdout = open(os.devnull, "w")
     from jaxlm.infer.engine import Engine
     from jaxlm.ops.sampling import Sampling
-    lm, tokenizer, stops = load(args)
+    mesh = make_mesh(args.mesh) if args.mesh else None
+    lm, tokenizer, stops = load(args, mesh)
     if args.stop_ids is not None:
         stops = _ids(args.stop_ids, "--stop-ids")
     prompts = [tokenizer.encode(t) for t in args.prompt or []]
@@ -173,7 +195,7 @@ def run(args) -> None:
             raise ValueError(f"--prompt {text!r} encodes to no tokens")
     sampling = None if args.temperature == 0 else Sampling(args.temperature, args.top_k,
                                                            args.top_p, args.min_p)
-    engine = Engine(lm, max_len=args.max_len or lm.cfg.max_position)
+    engine = Engine(lm, max_len=args.max_len or lm.cfg.max_position, mesh=mesh)
     del lm  # the engine holds its own per-layer copy of the weights
     engine.check(prompts, args.max_new_tokens, stops)
     if args.bench:

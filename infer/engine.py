@@ -21,6 +21,7 @@ Stop tokens: a row stops after emitting one; the stop token is included in its o
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from functools import partial
 from typing import Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling, sample
@@ -69,7 +71,16 @@ def _prefill(graphs: Graphs, weights: Weights, tokens, lengths, cache: DecodeCac
     start = cache.lengths
     logits, cache = forward(graphs, weights, tokens, cache, last=lengths - 1)
     logits = logits[:, 0]
-    return sample(key, logits, sampling), logits, cache.replace(lengths=start + lengths)
+    first, logits = _replicated(graphs, (sample(key, logits, sampling), logits))
+    return first, logits, cache.replace(lengths=start + lengths)
+
+
+def _replicated(graphs: Graphs, tree):
+    """Small outputs every process reads back (tokens, counts, logits) live whole on every
+    device of the mesh, so device_get works on each host of a multi-host run."""
+    if graphs.mesh is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(graphs.mesh, P()))
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "record_logits"))
@@ -117,7 +128,8 @@ def _decode(graphs: Graphs, weights: Weights, state: DecodeState, cache: DecodeC
             step=state.step + 1, key=key, logits=recorded)
         return state, cache
 
-    return jax.lax.while_loop(keep_going, step, (state, cache))
+    state, cache = jax.lax.while_loop(keep_going, step, (state, cache))
+    return _replicated(graphs, state), cache
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -144,7 +156,7 @@ def _check_stop_tokens(stop_tokens, vocab_size: int) -> jax.Array:
     stops = sorted(set(stops))
     # Padded with -1 (never a token) to a multiple of 8, so the count is not a new shape.
     width = max(8, _round_up(len(stops), 8))
-    return jnp.asarray(stops + [-1] * (width - len(stops)), jnp.int32)
+    return np.asarray(stops + [-1] * (width - len(stops)), np.int32)
 
 
 class Engine:
@@ -154,11 +166,15 @@ class Engine:
     changes to `lm` are not seen, so build a new Engine after training further.
     max_len: the largest cache (prompt + new tokens) this engine accepts; default the
     model's max_position for learned position tables, else unlimited.
+    mesh: shard weights by the logical-axis rules and the cache over rows and kv heads
+    (jaxlm.model.sharding.make_mesh); the jitted steps then run as one SPMD program.
     """
 
-    def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None):
+    def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None,
+                 mesh: Mesh | None = None):
         self.cfg = lm.cfg
-        self.graphs, self.weights = split_model(lm)
+        self.mesh = mesh
+        self.graphs, self.weights = split_model(lm, mesh)
         if max_len is None and self.cfg.position == "learned":
             max_len = self.cfg.max_position
         if max_len is not None and max_len < 2:
@@ -169,13 +185,18 @@ class Engine:
 
     # Pieces --------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int) -> DecodeCache:
-        return DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype)
+        return DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype, self.mesh)
+
+    def _on_mesh(self):
+        """The mesh in context while tracing, so MoE layers run expert-parallel."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     def prefill(self, tokens, lengths, cache: DecodeCache, key, sampling=None):
         """tokens [b,T] right-padded suffixes written after cache.lengths; lengths [b] real
         lengths (>= 1). Returns (first new token [b], its logits [b,v], cache)."""
-        return _prefill(self.graphs, self.weights, jnp.asarray(tokens, jnp.int32),
-                        jnp.asarray(lengths, jnp.int32), cache, key, sampling)
+        with self._on_mesh():
+            return _prefill(self.graphs, self.weights, np.asarray(tokens, np.int32),
+                            np.asarray(lengths, np.int32), cache, key, sampling)
 
     def start(self, first, logits, key, *, max_new_tokens: int, stop_tokens=(),
               record_logits: bool = False) -> DecodeState:
@@ -188,8 +209,9 @@ class Engine:
         the cache is full. state and cache are donated; returns the new (state, cache)."""
         stops = _check_stop_tokens(stop_tokens, self.cfg.vocab_size)
         until = state.tokens.shape[1] if until is None else until
-        return _decode(self.graphs, self.weights, state, cache, jnp.int32(until), stops,
-                       sampling)
+        with self._on_mesh():
+            return _decode(self.graphs, self.weights, state, cache, np.int32(until), stops,
+                           sampling)
 
     # Whole requests ------------------------------------------------------------------
     def check(self, prompts, max_new_tokens: int, stop_tokens=()) -> list[list[int]]:

@@ -20,21 +20,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from jaxlm import ops
 from jaxlm.model.config import Config
+from jaxlm.model.sharding import logical_to_spec, state_shardings
 from jaxlm.model.transformer import CausalLM
 
-from .cache import DecodeCache
+from .cache import DecodeCache, cache_sharding
 
 
 @dataclasses.dataclass(frozen=True)
 class Graphs:
     """Static structure (hashable; a jit static argument): the model without its blocks
-    ('shell': embeddings, final norm, head) and one Block graph per layer."""
+    ('shell': embeddings, final norm, head), one Block graph per layer, and the mesh the
+    weights and cache are sharded over (None: one device)."""
     cfg: Config
     shell: Any
     layers: tuple
+    mesh: Mesh | None = None
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["shell", "layers"], meta_fields=[])
@@ -49,9 +53,10 @@ def _unstack(n: int, state):
     return tuple(jax.tree.map(lambda x: x[i], state) for i in range(n))
 
 
-def split_model(lm: CausalLM) -> tuple[Graphs, Weights]:
+def split_model(lm: CausalLM, mesh: Mesh | None = None) -> tuple[Graphs, Weights]:
     """(static graphs, per-layer weights) of lm. lm itself is left untouched; the block
-    weights are copied once into per-layer arrays."""
+    weights are copied once into per-layer arrays, laid out over `mesh` by the logical
+    axis rules when one is given (tensor-parallel heads/mlp, FSDP embed, experts)."""
     shell = nnx.merge(*nnx.split(lm))  # a second module tree over the same arrays
     groups = list(shell.blocks)
     shell.blocks = nnx.List([])
@@ -61,8 +66,20 @@ def split_model(lm: CausalLM) -> tuple[Graphs, Weights]:
         graph, state = nnx.split(group)
         layer_graphs += [graph] * n
         layer_states += list(_unstack(n, state))
-    return (Graphs(lm.cfg, shell_graph, tuple(layer_graphs)),
+    if mesh is not None:
+        shell_state = jax.device_put(shell_state, state_shardings(shell_state, mesh))
+        layer_states = [jax.device_put(st, _layer_shardings(st, mesh)) for st in layer_states]
+    return (Graphs(lm.cfg, shell_graph, tuple(layer_graphs), mesh),
             Weights(shell_state, tuple(layer_states)))
+
+
+def _layer_shardings(state, mesh: Mesh):
+    """Shardings of one layer's slice of the scanned stack: its variables' logical names
+    without the leading 'layers'."""
+    def one(var):
+        names = (var.get_metadata().get("out_sharding") or (None,) * (var.ndim + 1))[1:]
+        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _embed(shell: CausalLM, cfg: Config, tokens, positions):
@@ -105,6 +122,9 @@ def forward(graphs: Graphs, weights: Weights, tokens, cache: DecodeCache, last=N
         with jax.named_scope(f"layer{len(new_layers)}"):
             block = nnx.merge(graph, state)
             x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, starts=starts)
+        if graphs.mesh is not None:  # keep the cache where it was created (and donated)
+            kv = tuple(jax.lax.with_sharding_constraint(buf, cache_sharding(graphs.mesh, buf))
+                       for buf in kv)
         new_layers.append(kv)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from .config import Config
+from .sharding import param_shardings
 from .tokenizer import load_tokenizer
 from .transformer import CausalLM
 
@@ -28,7 +29,7 @@ PARAMS_ITEM = "params"
 def write_run_file(run_dir: str, cfg: Config, tokenizer_spec: str, **extra) -> None:
     os.makedirs(run_dir, exist_ok=True)
     meta = {"model": cfg.to_dict(), "tokenizer": tokenizer_spec, **extra}
-    tmp = os.path.join(run_dir, RUN_FILE + ".tmp")
+    tmp = os.path.join(run_dir, f"{RUN_FILE}.{os.getpid()}.tmp")  # one per process
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=2)
     os.replace(tmp, os.path.join(run_dir, RUN_FILE))  # atomic: never half-written
@@ -56,8 +57,9 @@ def params_of(lm: nnx.Module):
     return nnx.state(lm, nnx.Param).to_pure_dict()
 
 
-def load_run(run_dir: str, step: int | None = None, dtype: str | None = None):
-    """(CausalLM, tokenizer, step) from a trainer run directory; latest step by default."""
+def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, mesh=None):
+    """(CausalLM, tokenizer, step) from a trainer run directory; latest step by default.
+    With a mesh, orbax restores every parameter directly into its shards."""
     meta = read_run_file(run_dir)
     cfg = Config.from_dict(meta["model"])
     if dtype is not None:
@@ -74,6 +76,9 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None):
     graphdef, abstract_state, rest = nnx.split(abstract, nnx.Param, ...)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                           nnx.state(abstract, nnx.Param).to_pure_dict())
+    if mesh is not None:
+        target = jax.tree.map(lambda x, s: x.update(sharding=s), target,
+                              param_shardings(cfg, mesh))
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))[PARAMS_ITEM]
     mngr.close()

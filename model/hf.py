@@ -26,15 +26,18 @@ import re
 import struct
 from typing import Any, Callable, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from jaxlm.ops.rope import RopeScaling
 
 from .config import DTYPES, Config
 from .hf_moe import FAMILIES as MOE_FAMILIES, expert_rules, family_of, hf_fields, mla_rules
 from .hf_moe import moe_fields, moe_wrong
+from .sharding import logical_to_spec
 from .transformer import CausalLM
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -550,11 +553,12 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-def from_hf(path: str, dtype=None, param_dtype=None) -> CausalLM:
+def from_hf(path: str, dtype=None, param_dtype=None, mesh=None) -> CausalLM:
     """Load a local HF checkpoint directory (config.json + *.safetensors, sharded or not).
 
     param_dtype defaults to the checkpoint's dtype (config.json `dtype`/`torch_dtype`,
-    else the stored embedding's), dtype (compute) to param_dtype.
+    else the stored embedding's), dtype (compute) to param_dtype. With a mesh, each
+    tensor goes from host memory straight into its shards (logical-axis rules).
     """
     with open(os.path.join(path, "config.json")) as fh:
         hf = json.load(fh)
@@ -579,7 +583,11 @@ def from_hf(path: str, dtype=None, param_dtype=None) -> CausalLM:
         diff = sorted(str(p) for p in set(want) | set(got) if want.get(p) != got.get(p))
         raise AssertionError(f"jaxlm.model.hf rules are out of date with CausalLM: {diff}")
     for path, var in params.items():  # assigned only now that everything converted
-        var.set_value(jnp.asarray(values[path]))
+        if mesh is None:
+            var.set_value(jnp.asarray(values[path]))
+        else:
+            spec = logical_to_spec(var.get_metadata()["out_sharding"], var.shape, mesh)
+            var.set_value(jax.device_put(values[path], NamedSharding(mesh, spec)))
     return nnx.merge(graphdef, state)
 
 
