@@ -1,7 +1,8 @@
 """The decode cache: one preallocated buffer pair per layer, plus per-row lengths.
 
-    layers[i] = (k [b,k,S,d], v [b,k,S,dv])      for standard (MHA/GQA/MQA) attention
-              = (latent [b,S,r], k_rope [b,S,dr]) for MLA
+    layers[i] = (k [b,k,S,d], v [b,k,S,dv])      standard attention, implementation="xla"
+              = (k [b,S,k,d], v [b,S,k,dv])      standard attention, Pallas / cuDNN kernels
+              = (latent [b,S,r], k_rope [b,S,dr]) MLA
     lengths   = [b] int32                        slots filled in each row
 
 Slot j of a row holds the token at position j, as in jaxlm.model.KVCache. The model's
@@ -19,16 +20,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm.model.cache import SLOT_AXIS, create_cache
+from jaxlm.model.cache import create_cache
 from jaxlm.model.config import Config
 from jaxlm.model.sharding import activation_sharding
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths"], meta_fields=[])
+@partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths"],
+         meta_fields=["slot_axis"])
 @dataclasses.dataclass
 class DecodeCache:
-    layers: tuple        # per layer: a tuple of buffers [b,S,...] (K and V)
+    layers: tuple        # per layer: a tuple of buffers (K and V, or latent and RoPE key)
     lengths: jax.Array   # [b] int32
+    slot_axis: int = -2  # the slot axis of every buffer, from the end (model.cache)
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None,
@@ -36,16 +39,17 @@ class DecodeCache:
         """Zero buffers for `batch` rows of `max_len` slots, shaped as the model's cache;
         with a mesh, born split over rows (batch axes) and kv heads (tensor)."""
         stacked = jax.eval_shape(lambda: create_cache(cfg, batch, max_len, dtype))
+        axis = stacked.slot_axis
 
         def zeros(shape, dtype):
-            where = None if mesh is None else cache_sharding(mesh, jax.ShapeDtypeStruct(
-                shape, dtype))
+            where = None if mesh is None else cache_sharding(
+                mesh, jax.ShapeDtypeStruct(shape, dtype), axis)
             return jnp.zeros(shape, dtype, device=where)
         layers = tuple(tuple(zeros(buf.shape[1:], buf.dtype) for buf in stacked.buffers)
                        for _ in range(cfg.n_layers))
         lengths = jnp.zeros((batch,), jnp.int32,
                             device=None if mesh is None else NamedSharding(mesh, P()))
-        return cls(layers=layers, lengths=lengths)
+        return cls(layers=layers, lengths=lengths, slot_axis=axis)
 
     @property
     def batch(self) -> int:
@@ -53,7 +57,7 @@ class DecodeCache:
 
     @property
     def max_len(self) -> int:
-        return self.layers[0][0].shape[SLOT_AXIS]
+        return self.layers[0][0].shape[self.slot_axis]
 
     @property
     def nbytes(self) -> int:
@@ -63,9 +67,11 @@ class DecodeCache:
         return dataclasses.replace(self, **changes)
 
 
-def cache_sharding(mesh: Mesh, buf) -> NamedSharding:
-    """Rows over the batch axes and, for [b,k,S,d] K/V buffers, kv heads over tensor."""
-    names = ("batch", "kv_heads", None, None) if buf.ndim == 4 else ("batch", None, None)
+def cache_sharding(mesh: Mesh, buf, slot_axis: int) -> NamedSharding:
+    """Rows over the batch axes and, for K/V buffers, kv heads over tensor."""
+    names = ["batch"] + [None] * (buf.ndim - 1)
+    if buf.ndim == 4:  # [b,k,S,d] or [b,S,k,d]: the head axis is the other middle one
+        names[1 if slot_axis == -2 else 2] = "kv_heads"
     return activation_sharding(mesh, names, buf.shape)
 
 

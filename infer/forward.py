@@ -123,9 +123,9 @@ def forward(graphs: Graphs, weights: Weights, tokens, cache: DecodeCache, last=N
             block = nnx.merge(graph, state)
             x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, starts=starts)
         if graphs.mesh is not None:  # keep the cache where it was created (and donated)
-            kv = tuple(jax.lax.with_sharding_constraint(buf, cache_sharding(graphs.mesh, buf))
-                       for buf in kv)
+            kv = tuple(jax.lax.with_sharding_constraint(
+                buf, cache_sharding(graphs.mesh, buf, cache.slot_axis)) for buf in kv)
         new_layers.append(kv)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
-    return _head(shell, cfg, x), DecodeCache(tuple(new_layers), starts + t)
+    return _head(shell, cfg, x), DecodeCache(tuple(new_layers), starts + t, cache.slot_axis)

@@ -23,8 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.cache import SLOT_AXIS
-
 from .cache import DecodeCache
 
 BUCKET = 16
@@ -33,7 +31,8 @@ BUCKET = 16
 @dataclasses.dataclass
 class Prefix:
     tokens: tuple[int, ...]
-    layers: tuple        # per layer: buffers [1, ..., slots, x] (slots = length rounded up)
+    layers: tuple        # per layer: buffers of one row (slots = length rounded up)
+    slot_axis: int       # as DecodeCache.slot_axis
 
     @property
     def length(self) -> int:
@@ -41,19 +40,21 @@ class Prefix:
 
     @property
     def slots(self) -> int:
-        return self.layers[0][0].shape[SLOT_AXIS]
+        return self.layers[0][0].shape[self.slot_axis]
 
 
 @partial(jax.jit, donate_argnames=("cache",))
 def _copy_into_rows(cache: DecodeCache, layers, rows, length):
     """cache rows where rows[b] get the prefix K/V at slots 0.. and lengths = length."""
     def put(buf, pre):
-        first = (Ellipsis, slice(0, pre.shape[SLOT_AXIS]), slice(None))  # slots 0..p-1
+        first = [slice(None)] * buf.ndim
+        first[cache.slot_axis] = slice(0, pre.shape[cache.slot_axis])  # slots 0..p-1
+        first = tuple(first)
         mask = rows.reshape((-1,) + (1,) * (buf.ndim - 1))
         return buf.at[first].set(jnp.where(mask, pre.astype(buf.dtype), buf[first]))
     new = tuple(tuple(put(b, p) for b, p in zip(layer, pre))
                 for layer, pre in zip(cache.layers, layers))
-    return DecodeCache(new, jnp.where(rows, length, cache.lengths))
+    return DecodeCache(new, jnp.where(rows, length, cache.lengths), cache.slot_axis)
 
 
 class PrefixCache:
@@ -84,7 +85,7 @@ class PrefixCache:
         padded[0, :len(tokens)] = tokens
         cache = self.engine.new_cache(1, slots)
         _, _, cache = self.engine.prefill(padded, [len(tokens)], cache, jax.random.key(0))
-        entry = Prefix(tokens, cache.layers)
+        entry = Prefix(tokens, cache.layers, cache.slot_axis)
         self.entries[tokens] = entry
         self._evict()
         return entry

@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import write_layer
+from .cache import slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -28,8 +28,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, *, rope=None, alibi=None, kv=None, starts=None,
                  segment_ids=None):
-        """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) [b,k,S,d] the new keys are
-        written at slots `starts` [b] and attention runs over the cache; returns
+        """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) (laid out as cache.py says)
+        the new keys are written at slots `starts` [b] and attention runs over the cache;
         (out [b,t,d], updated kv or None)."""
         cfg = self.cfg
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -47,13 +47,14 @@ class Attention(nnx.Module):
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                 **common)
         else:
-            heads_first = lambda a: a.transpose(0, 2, 1, 3)  # [b,t,k,d] <-> [b,k,t,d]
-            k_buf = write_layer(kv[0], heads_first(k), starts)
-            v_buf = write_layer(kv[1], heads_first(v), starts)
-            b, s = k_buf.shape[0], k_buf.shape[2]
+            axis = slot_axis(cfg)
+            # [b,t,k,d] <-> the buffer's layout ([b,k,S,d] for XLA attention, see cache.py)
+            layout = (lambda a: a.transpose(0, 2, 1, 3)) if axis == -2 else (lambda a: a)
+            k_buf = write_layer(kv[0], layout(k), starts, axis)
+            v_buf = write_layer(kv[1], layout(v), starts, axis)
+            b, s = k_buf.shape[0], k_buf.shape[axis]
             slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            out = ops.attention(q, heads_first(k_buf).astype(q.dtype),
-                                heads_first(v_buf).astype(q.dtype),
+            out = ops.attention(q, layout(k_buf).astype(q.dtype), layout(v_buf).astype(q.dtype),
                                 q_positions=positions, kv_positions=slots,
                                 kv_lengths=starts + x.shape[1], **common)
             kv = (k_buf, v_buf)

@@ -9,10 +9,12 @@ slices one layer per step:
 Slot j of a row holds the token at position j. A forward pass over t new tokens
 writes them at slots lengths[b] .. lengths[b]+t-1 and returns lengths + t.
 
-In every buffer the slot axis S is the second-to-last (SLOT_AXIS), after the kv heads:
-attention contracts over d with (b, k) as batch dimensions, so with heads before slots
-each row's keys are already laid out as the dot wants them, and a decode step reads the
-cache in place instead of first transposing a copy of all of it.
+Where the slots sit follows the attention implementation (`slot_axis(cfg)`): XLA's
+attention contracts over d with (b, k) as batch dimensions, so for implementation="xla"
+the kv heads come before the slots, [b, k, S, d], and a decode step reads each row's keys
+in place instead of first transposing a copy of the whole cache. The Pallas and cuDNN
+kernels take [b, S, k, d] as they are, so for them the slots come first. MLA buffers,
+[b, S, r], have no head axis.
 """
 from __future__ import annotations
 
@@ -24,15 +26,21 @@ import jax.numpy as jnp
 
 from .config import Config
 
-SLOT_AXIS = -2  # the cache-slot axis of every buffer, stacked or per layer
+
+def slot_axis(cfg: Config) -> int:
+    """The cache-slot axis of the config's cache buffers, counted from the end (so it is
+    the same for the layer-stacked buffers and one layer's)."""
+    return -3 if cfg.attention == "gqa" and cfg.attention_impl != "xla" else -2
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"], meta_fields=[])
+@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"],
+         meta_fields=["slot_axis"])
 @dataclasses.dataclass
 class KVCache:
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
+    slot_axis: int = -2   # -2: [l,b,k,S,d] (heads first); -3: [l,b,S,k,d]
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -40,9 +48,11 @@ class KVCache:
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         dtype = jnp.dtype(dtype or cfg.dtype)
-        shape = (cfg.n_layers, batch, cfg.num_kv_heads, max_len, cfg.dim_per_head)
+        axis = slot_axis(cfg)
+        heads = (cfg.num_kv_heads, max_len) if axis == -2 else (max_len, cfg.num_kv_heads)
+        shape = (cfg.n_layers, batch, *heads, cfg.dim_per_head)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+                   lengths=jnp.zeros((batch,), jnp.int32), slot_axis=axis)
 
     @property
     def batch(self) -> int:
@@ -50,7 +60,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[SLOT_AXIS]
+        return self.k.shape[self.slot_axis]
 
     @property
     def nbytes(self) -> int:
@@ -64,7 +74,7 @@ class KVCache:
         return (self.k, self.v)
 
     def with_buffers(self, buffers, lengths) -> "KVCache":
-        return KVCache(k=buffers[0], v=buffers[1], lengths=lengths)
+        return KVCache(k=buffers[0], v=buffers[1], lengths=lengths, slot_axis=self.slot_axis)
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["latent", "k_rope", "lengths"],
@@ -87,7 +97,8 @@ class MLACache:
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     batch = property(lambda self: self.latent.shape[1])
-    max_len = property(lambda self: self.latent.shape[SLOT_AXIS])
+    slot_axis = -2
+    max_len = property(lambda self: self.latent.shape[-2])
     nbytes = property(lambda self: self.latent.nbytes + self.k_rope.nbytes)
     buffers = property(lambda self: (self.latent, self.k_rope))
 
@@ -104,11 +115,11 @@ def create_cache(cfg: Config, batch: int, max_len: int, dtype=None):
     return kind.create(cfg, batch, max_len, dtype)
 
 
-def write_layer(buf, new, starts):
-    """Write new [b,...,t,x] into buf [b,...,S,x] (slots on SLOT_AXIS) at per-row slot
-    offsets starts [b]."""
+def write_layer(buf, new, starts, axis: int = -2):
+    """Write new (buf's layout, t positions on the slot axis `axis`) into buf at per-row
+    slot offsets starts [b]."""
     def one(row_buf, row_new, start):
         idx = [0] * row_buf.ndim
-        idx[SLOT_AXIS] = start
+        idx[axis] = start
         return jax.lax.dynamic_update_slice(row_buf, row_new.astype(row_buf.dtype), idx)
     return jax.vmap(one)(buf, new, starts)

@@ -350,3 +350,22 @@ def test_cli_missing_files_are_one_line(run_dir, tmp_path, capsys):
     for args, match in cases:
         assert main(args) == 2, args
         assert_one_error_line(capsys.readouterr().err, match)
+
+
+def test_pallas_kernels_get_a_slot_major_cache_and_the_same_tokens(llama, greedy_run):
+    """implementation="pallas" keeps the cache [b,S,k,d] (what its kernels read, no
+    per-step transpose); XLA's is [b,k,S,d]. Same greedy tokens and logits either way
+    (Pallas interpret mode on CPU)."""
+    lm, engine = llama
+    graph, state = nnx.split(lm)
+    pallas_lm = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: CausalLM(
+        lm.cfg.replace(attention_impl="pallas"), nnx.Rngs(0)))), state)
+    pallas = Engine(pallas_lm)
+    cfg = lm.cfg
+    assert pallas.new_cache(2, 32).layers[0][0].shape == (2, 32, cfg.num_kv_heads,
+                                                          cfg.dim_per_head)
+    assert engine.new_cache(2, 32).layers[0][0].shape == (2, cfg.num_kv_heads, 32,
+                                                          cfg.dim_per_head)
+    out, logits = pallas.generate(PROMPTS, max_new_tokens=N, record_logits=True)
+    assert out == greedy_run[0]
+    np.testing.assert_allclose(logits, greedy_run[1], atol=1e-5)

@@ -101,7 +101,8 @@ def main():
             "logits": float(np.abs(logits - want_logits).max()),
             "misplaced": misplaced(model, new, mesh),
             "cache_spec": [str(a) for a in k_buf.sharding.spec],
-            "cache_expected": [str(a) for a in cache_sharding(mesh, k_buf).spec],
+            "cache_expected": [str(a) for a in
+                               cache_sharding(mesh, k_buf, cache.slot_axis).spec],
             "all_to_all": "all_to_all" in lowered,
             "q_spec": [str(a) for a in new.params["blocks"][0]["attn"]["q_proj"]["kernel"]
                        .sharding.spec],
