@@ -173,7 +173,6 @@ class Engine:
     def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None,
                  mesh: Mesh | None = None):
         self.cfg = lm.cfg
-        self.mesh = mesh
         self.graphs, self.weights = split_model(lm, mesh)
         if max_len is None and self.cfg.position == "learned":
             max_len = self.cfg.max_position
@@ -184,6 +183,10 @@ class Engine:
         self.prefixes = PrefixCache(self)
 
     # Pieces --------------------------------------------------------------------------
+    @property
+    def mesh(self) -> Mesh | None:
+        return self.graphs.mesh
+
     def new_cache(self, batch: int, max_len: int) -> DecodeCache:
         return DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype, self.mesh)
 

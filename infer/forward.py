@@ -20,11 +20,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxlm import ops
 from jaxlm.model.config import Config
-from jaxlm.model.sharding import logical_to_spec, state_shardings
+from jaxlm.model.sharding import state_shardings
 from jaxlm.model.transformer import CausalLM
 
 from .cache import DecodeCache, cache_sharding
@@ -68,18 +68,10 @@ def split_model(lm: CausalLM, mesh: Mesh | None = None) -> tuple[Graphs, Weights
         layer_states += list(_unstack(n, state))
     if mesh is not None:
         shell_state = jax.device_put(shell_state, state_shardings(shell_state, mesh))
-        layer_states = [jax.device_put(st, _layer_shardings(st, mesh)) for st in layer_states]
+        layer_states = [jax.device_put(st, state_shardings(st, mesh, drop=1))  # no 'layers'
+                        for st in layer_states]
     return (Graphs(lm.cfg, shell_graph, tuple(layer_graphs), mesh),
             Weights(shell_state, tuple(layer_states)))
-
-
-def _layer_shardings(state, mesh: Mesh):
-    """Shardings of one layer's slice of the scanned stack: its variables' logical names
-    without the leading 'layers'."""
-    def one(var):
-        names = (var.get_metadata().get("out_sharding") or (None,) * (var.ndim + 1))[1:]
-        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh)))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _embed(shell: CausalLM, cfg: Config, tokens, positions):

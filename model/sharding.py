@@ -13,6 +13,7 @@ devices of all processes (jax.devices() is global) and jit runs one SPMD program
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -100,26 +101,37 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     return P(*spec)
 
 
-def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for every variable of an (abstract) NNX state, from its metadata."""
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES, *, drop: int = 0):
+    """NamedShardings for every variable of an (abstract) NNX state, from its metadata.
+    drop: leading logical names to skip, for slices of a stacked state (one layer of the
+    scanned 'layers' stack: drop=1)."""
     def one(var):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.shape)
-        return var.replace(NamedSharding(mesh, logical_to_spec(names, var.shape, mesh, rules)))
+        names = var.get_metadata().get("out_sharding") or (None,) * (len(var.shape) + drop)
+        spec = logical_to_spec(tuple(names)[drop:], var.shape, mesh, rules)
+        return var.replace(NamedSharding(mesh, spec))
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def create_sharded(cfg, mesh: Mesh, seed: int = 0, rules=DEFAULT_RULES):
-    """A CausalLM whose parameters are created directly in their shards (jit out_shardings)."""
+@functools.lru_cache(maxsize=8)
+def initializer(cfg, mesh: Mesh | None = None, rules=None):
+    """jit(seed -> the full NNX state of a fresh CausalLM(cfg)), every variable created
+    directly in its shards when a mesh is given; one compile per (cfg, mesh), any seed."""
     from .transformer import CausalLM
 
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = state_shardings(abstract_state, mesh, rules)
+    def init(seed):
+        return nnx.state(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))
+    if mesh is None:
+        return jax.jit(init)
+    abstract = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    return jax.jit(init, out_shardings=state_shardings(abstract, mesh,
+                                                       rules or DEFAULT_RULES))
 
-    def init():
-        return nnx.state(CausalLM(cfg, nnx.Rngs(seed)))
 
-    return nnx.merge(graphdef, jax.jit(init, out_shardings=shardings)())
+def create_sharded(cfg, mesh: Mesh, seed: int = 0):
+    """A CausalLM whose parameters are created directly in their shards (jit out_shardings)."""
+    from .transformer import CausalLM
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    return nnx.merge(graphdef, initializer(cfg, mesh)(np.int32(seed)))
 
 
 def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int],
@@ -164,7 +176,7 @@ def global_batch(batch, mesh: Mesh, batch_dim: int = 0, rules=DEFAULT_RULES):
 def expert_parallel_size(mesh=None) -> int:
     """Size of the 'expert' axis of the mesh in context (jax.set_mesh), 1 without one."""
     mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
-    if mesh is None or mesh.empty:
+    if mesh.empty:
         return 1
     return dict(mesh.shape).get("expert", 1)
 

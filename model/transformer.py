@@ -17,7 +17,7 @@ from flax import nnx
 from jaxlm import ops
 
 from .attention import Attention
-from .cache import KVCache, MLACache, create_cache
+from .cache import KVCache, MLACache, create_cache, slot_axis
 from .config import Config
 from .layers import MLP, Dense, Embed, Norm, make_param
 from .mla import MLAttention
@@ -143,6 +143,9 @@ class CausalLM(nnx.Module):
         b, t = tokens.shape
         if cache is not None and cache.batch != b:
             raise ValueError(f"cache has {cache.batch} rows but tokens have {b}")
+        if cache is not None and cache.slot_axis != slot_axis(cfg):
+            raise ValueError(f"cache laid out for another attention_impl than "
+                             f"{cfg.attention_impl!r}; make it with this model's init_cache")
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids are for packed training; don't pass them with a cache")
         starts = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)

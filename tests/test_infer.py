@@ -366,6 +366,8 @@ def test_pallas_kernels_get_a_slot_major_cache_and_the_same_tokens(llama, greedy
                                                           cfg.dim_per_head)
     assert engine.new_cache(2, 32).layers[0][0].shape == (2, cfg.num_kv_heads, 32,
                                                           cfg.dim_per_head)
+    with pytest.raises(ValueError, match="another attention_impl"):
+        lm(jnp.ones((1, 3), jnp.int32), cache=pallas_lm.init_cache(1, 16))
     out, logits = pallas.generate(PROMPTS, max_new_tokens=N, record_logits=True)
     assert out == greedy_run[0]
     np.testing.assert_allclose(logits, greedy_run[1], atol=1e-5)

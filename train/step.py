@@ -12,7 +12,6 @@ is one optimizer update whatever the accumulation.
 """
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -57,24 +56,14 @@ class Model:
         runs) rather than op by op; with a mesh, every variable is born in its shards."""
         graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
         # Compute dtype, remat and kernel choice never change the parameters.
-        init = _initializer(cfg.replace(dtype="float32", remat="none", attention_impl="xla"),
-                            mesh)
+        init = sharding.initializer(
+            cfg.replace(dtype="float32", remat="none", attention_impl="xla"), mesh)
         return cls(nnx.merge(graphdef, init(jnp.asarray(seed, jnp.int32))))
 
     def module(self, params) -> CausalLM:
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state, self.rest)
-
-
-@functools.lru_cache(maxsize=8)
-def _initializer(cfg: Config, mesh: Mesh | None = None):
-    def init(seed):
-        return nnx.split(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))[1]
-    if mesh is None:
-        return jax.jit(init)
-    abstract = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
-    return jax.jit(init, out_shardings=sharding.state_shardings(abstract, mesh))
 
 
 def count_params(params, exclude_embeddings: bool = False) -> int:
