@@ -6,16 +6,17 @@ import json
 from typing import Any
 
 from jaxlm.ops.activations import ACTIVATIONS
+from jaxlm.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from jaxlm.ops.moe import DISPATCHES, ROUTERS
+from jaxlm.ops.norms import NORMS
+from jaxlm.ops.positional import POSITIONS
 from jaxlm.ops.rope import LAYOUTS, RopeScaling, yarn_mscale
 
-NORMS = ("rms", "layer")
-POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
+# Choices that are the model's own (the ops-level ones above come from the ops that
+# implement them, so a new kernel or router is added in one place).
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "pallas")
 ATTENTION_KINDS = ("gqa", "mla")
-ROUTERS = ("softmax", "sigmoid")
-DISPATCHES = ("dropless", "capacity", "dense")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from .activations import get_activation, glu
 
+ROUTERS = ("softmax", "sigmoid")   # softmax_topk_router, sigmoid_topk_router
 DISPATCHES = ("dropless", "capacity", "dense")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+NORMS = ("rms", "layer")  # rms_norm, layer_norm
+
 
 def rms_norm(x, weight=None, *, eps: float = 1e-6, weight_offset: float = 0.0):
     """x / sqrt(mean(x²) + eps) · (weight + weight_offset) over the last axis.

@@ -5,6 +5,10 @@ import math
 
 import jax.numpy as jnp
 
+# Where a model's position signal comes from: rotary (ops.rope), a learned table, the
+# sinusoidal table below, ALiBi biases (below), or none.
+POSITIONS = ("rope", "learned", "sinusoidal", "alibi", "none")
+
 
 def sinusoidal_positions(positions, dim: int, max_timescale: float = 10000.0):
     """The Transformer's fixed embedding [.., dim]: sin on the first half, cos on the second.
