@@ -26,13 +26,14 @@ import numpy as np
 
 def jaxlm_side(cfg, batch_np, lr):
     from jaxlm.train.config import TrainConfig
-    from jaxlm.train.step import (Model, flops_per_token, init_state, make_optimizer,
+    from jaxlm.model.build import SplitModel
+    from jaxlm.train.step import (flops_per_token, init_state, make_optimizer,
                                   make_train_step)
     b, t = batch_np.shape[0], batch_np.shape[1] - 1
     tcfg = TrainConfig(lr=lr, warmup_steps=0, steps=10_000, seq_len=t, batch_size=b)
-    model = Model.create(cfg, 0)
-    opt = make_optimizer(tcfg, model.init_params)
-    state = init_state(tcfg, cfg, model.init_params, opt)
+    model = SplitModel.create(cfg, 0)
+    opt = make_optimizer(tcfg, model.params)
+    state = init_state(tcfg, cfg, model.params, opt)
     step = make_train_step(model, tcfg, opt)
     batch = {"inputs": jnp.asarray(batch_np[None, :, :-1], jnp.int32),
              "targets": jnp.asarray(batch_np[None, :, 1:], jnp.int32),

@@ -7,10 +7,10 @@
 """
 from jaxlm.ops.sampling import Sampling
 
-from .cache import DecodeCache, cache_bytes
+from .cache import DecodeCache
 from .engine import DecodeState, Engine, generate
 from .forward import forward, split_model
 from .prefix import PrefixCache
 
-__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling", "cache_bytes",
+__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling",
            "forward", "generate", "split_model"]

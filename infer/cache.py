@@ -20,9 +20,18 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxlm.model.cache import create_cache
+from jaxlm.model.cache import HEADS_FIRST, create_cache
 from jaxlm.model.config import Config
 from jaxlm.model.sharding import activation_sharding
+
+
+# Prompt, prefix and cache lengths round up to a multiple of this, so a new length is
+# rarely a new shape to compile.
+BUCKET = 16
+
+
+def round_up(n: int, m: int = BUCKET) -> int:
+    return -(-n // m) * m
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths"],
@@ -31,7 +40,7 @@ from jaxlm.model.sharding import activation_sharding
 class DecodeCache:
     layers: tuple        # per layer: a tuple of buffers (K and V, or latent and RoPE key)
     lengths: jax.Array   # [b] int32
-    slot_axis: int = -2  # the slot axis of every buffer, from the end (model.cache)
+    slot_axis: int = HEADS_FIRST  # the slot axis of every buffer (model.cache's names)
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None,
@@ -63,19 +72,10 @@ class DecodeCache:
     def nbytes(self) -> int:
         return sum(buf.nbytes for layer in self.layers for buf in layer)
 
-    def replace(self, **changes) -> "DecodeCache":
-        return dataclasses.replace(self, **changes)
-
 
 def cache_sharding(mesh: Mesh, buf, slot_axis: int) -> NamedSharding:
     """Rows over the batch axes and, for K/V buffers, kv heads over tensor."""
     names = ["batch"] + [None] * (buf.ndim - 1)
     if buf.ndim == 4:  # [b,k,S,d] or [b,S,k,d]: the head axis is the other middle one
-        names[1 if slot_axis == -2 else 2] = "kv_heads"
-    return activation_sharding(mesh, names, buf.shape)
-
-
-def cache_bytes(cfg: Config, batch: int, max_len: int, dtype=None) -> int:
-    """Bytes DecodeCache.create would allocate, without allocating."""
-    stacked = jax.eval_shape(lambda: create_cache(cfg, batch, max_len, dtype))
-    return sum(buf.size * buf.dtype.itemsize for buf in stacked.buffers)
+        names[1 if slot_axis == HEADS_FIRST else 2] = "kv_heads"
+    return activation_sharding(mesh, names, buf.shape, what="KV-cache buffer")

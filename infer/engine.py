@@ -29,17 +29,16 @@ from typing import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling, sample
 
-from .cache import DecodeCache
-from .forward import Graphs, Weights, forward, split_model
+from .cache import DecodeCache, round_up
+from .forward import LayerGraphs, LayerWeights, forward, replicated, split_model
 from .prefix import PrefixCache
 
 PAD = -1        # written after a row is done; never returned
-BUCKET = 16     # prompt and cache lengths round up to a multiple of this (fewer compiles)
 
 
 @partial(jax.tree_util.register_dataclass,
@@ -61,26 +60,14 @@ class DecodeState:
     logits: jax.Array | None = None
 
 
-def _round_up(n: int, m: int = BUCKET) -> int:
-    return -(-n // m) * m
-
-
 @partial(jax.jit, static_argnames=("graphs", "sampling"), donate_argnames=("cache",))
-def _prefill(graphs: Graphs, weights: Weights, tokens, lengths, cache: DecodeCache, key,
-             sampling: Sampling | None):
+def _prefill(graphs: LayerGraphs, weights: LayerWeights, tokens, lengths, cache: DecodeCache,
+             key, sampling: Sampling | None):
     start = cache.lengths
     logits, cache = forward(graphs, weights, tokens, cache, last=lengths - 1)
     logits = logits[:, 0]
-    first, logits = _replicated(graphs, (sample(key, logits, sampling), logits))
-    return first, logits, cache.replace(lengths=start + lengths)
-
-
-def _replicated(graphs: Graphs, tree):
-    """Small outputs every process reads back (tokens, counts, logits) live whole on every
-    device of the mesh, so device_get works on each host of a multi-host run."""
-    if graphs.mesh is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, NamedSharding(graphs.mesh, P()))
+    first, logits = replicated(graphs, (sample(key, logits, sampling), logits))
+    return first, logits, dataclasses.replace(cache, lengths=start + lengths)
 
 
 @partial(jax.jit, static_argnames=("max_new_tokens", "record_logits"))
@@ -97,7 +84,7 @@ def _start(first, logits, key, stop_tokens, max_new_tokens: int, record_logits: 
 
 
 @partial(jax.jit, static_argnames=("graphs", "sampling"), donate_argnames=("state", "cache"))
-def _decode(graphs: Graphs, weights: Weights, state: DecodeState, cache: DecodeCache,
+def _decode(graphs: LayerGraphs, weights: LayerWeights, state: DecodeState, cache: DecodeCache,
             until, stop_tokens, sampling: Sampling | None):
     n = state.tokens.shape[1]
     until = jnp.minimum(until, n)
@@ -129,7 +116,7 @@ def _decode(graphs: Graphs, weights: Weights, state: DecodeState, cache: DecodeC
         return state, cache
 
     state, cache = jax.lax.while_loop(keep_going, step, (state, cache))
-    return _replicated(graphs, state), cache
+    return replicated(graphs, state), cache
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
@@ -155,7 +142,7 @@ def _check_stop_tokens(stop_tokens, vocab_size: int) -> jax.Array:
         raise ValueError(f"stop_tokens {bad} are outside the vocabulary [0, {vocab_size})")
     stops = sorted(set(stops))
     # Padded with -1 (never a token) to a multiple of 8, so the count is not a new shape.
-    width = max(8, _round_up(len(stops), 8))
+    width = max(8, round_up(len(stops), 8))
     return np.asarray(stops + [-1] * (width - len(stops)), np.int32)
 
 
@@ -238,12 +225,12 @@ class Engine:
         matches = self.prefixes.plan(prompts) if prefix_cache else [None] * len(prompts)
         starts = [0 if m is None else m.length for m in matches]
         suffixes = [p[s:] for p, s in zip(prompts, starts)]
-        t = _round_up(max(len(s) for s in suffixes))
+        t = round_up(max(len(s) for s in suffixes))
         # Real tokens need len + max_new - 1 slots; padded writes (suffix prefill, prefix
         # copies) need room too, since dynamic_update_slice would clamp, not drop, them.
         slots = max(max(len(p) for p in prompts) + max_new_tokens - 1, max(starts) + t,
                     max((m.slots for m in matches if m is not None), default=0))
-        cache = self.new_cache(len(prompts), _round_up(slots))
+        cache = self.new_cache(len(prompts), round_up(slots))
         if prefix_cache:
             cache = self.prefixes.fill(cache, matches)
         tokens = np.zeros((len(prompts), t), np.int32)

@@ -23,9 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .cache import DecodeCache
-
-BUCKET = 16
+from .cache import DecodeCache, round_up
 
 
 @dataclasses.dataclass
@@ -80,7 +78,7 @@ class PrefixCache:
         if tokens in self.entries:
             self.entries.move_to_end(tokens)
             return self.entries[tokens]
-        slots = -(-len(tokens) // BUCKET) * BUCKET
+        slots = round_up(len(tokens))
         padded = np.zeros((1, slots), np.int32)
         padded[0, :len(tokens)] = tokens
         cache = self.engine.new_cache(1, slots)

@@ -6,15 +6,16 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import slot_axis, write_layer
+from .cache import heads_to_layout, slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, window: int | None = None):
         d, h, kh, hd = cfg.d_model, cfg.n_heads, cfg.num_kv_heads, cfg.dim_per_head
         self.cfg = cfg
+        self.window = window  # this layer's sliding window (Config.layer_window)
         self.q_proj = Dense(cfg, (d,), (h, hd), ("embed",), ("heads", "head_dim"),
                             bias=cfg.qkv_bias, rngs=rngs)
         self.k_proj = Dense(cfg, (d,), (kh, hd), ("embed",), ("kv_heads", "head_dim"),
@@ -39,7 +40,7 @@ class Attention(nnx.Module):
             cos, sin = rope
             q = ops.apply_rope(q, cos, sin, cfg.rope_layout)
             k = ops.apply_rope(k, cos, sin, cfg.rope_layout)
-        common = dict(causal=True, sliding_window=cfg.sliding_window, scale=cfg.softmax_scale,
+        common = dict(causal=True, sliding_window=self.window, scale=cfg.softmax_scale,
                       softcap=cfg.attn_softcap, alibi_slopes=alibi,
                       implementation=cfg.attention_impl)
         if kv is None:
@@ -48,13 +49,13 @@ class Attention(nnx.Module):
                                 **common)
         else:
             axis = slot_axis(cfg)
-            # [b,t,k,d] <-> the buffer's layout ([b,k,S,d] for XLA attention, see cache.py)
-            layout = (lambda a: a.transpose(0, 2, 1, 3)) if axis == -2 else (lambda a: a)
-            k_buf = write_layer(kv[0], layout(k), starts, axis)
-            v_buf = write_layer(kv[1], layout(v), starts, axis)
+            k_buf = write_layer(kv[0], heads_to_layout(k, axis), starts, axis)
+            v_buf = write_layer(kv[1], heads_to_layout(v, axis), starts, axis)
             b, s = k_buf.shape[0], k_buf.shape[axis]
             slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-            out = ops.attention(q, layout(k_buf).astype(q.dtype), layout(v_buf).astype(q.dtype),
+            # For HEADS_FIRST this transpose folds into XLA attention's matmul (no copy).
+            out = ops.attention(q, heads_to_layout(k_buf, axis).astype(q.dtype),
+                                heads_to_layout(v_buf, axis).astype(q.dtype),
                                 q_positions=positions, kv_positions=slots,
                                 kv_lengths=starts + x.shape[1], **common)
             kv = (k_buf, v_buf)

@@ -27,10 +27,20 @@ import jax.numpy as jnp
 from .config import Config
 
 
+# Where the slots sit in a K/V buffer, as an axis counted from the end (so it is the same
+# for the layer-stacked buffers and one layer's).
+HEADS_FIRST = -2   # [.., k, S, d]: XLA attention, and MLA's [.., S, r] (no head axis)
+SLOTS_FIRST = -3   # [.., S, k, d]: the Pallas and cuDNN kernels
+
+
 def slot_axis(cfg: Config) -> int:
-    """The cache-slot axis of the config's cache buffers, counted from the end (so it is
-    the same for the layer-stacked buffers and one layer's)."""
-    return -3 if cfg.attention == "gqa" and cfg.attention_impl != "xla" else -2
+    """HEADS_FIRST or SLOTS_FIRST: the cache layout the config's attention kernel reads."""
+    return SLOTS_FIRST if cfg.attention == "gqa" and cfg.attention_impl != "xla" else HEADS_FIRST
+
+
+def heads_to_layout(a, axis: int):
+    """[b,t,k,d] → a buffer's layout ([b,k,t,d] for HEADS_FIRST); its own inverse."""
+    return a.transpose(0, 2, 1, 3) if axis == HEADS_FIRST else a
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"],
@@ -40,7 +50,7 @@ class KVCache:
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
-    slot_axis: int = -2   # -2: [l,b,k,S,d] (heads first); -3: [l,b,S,k,d]
+    slot_axis: int = HEADS_FIRST   # [l,b,k,S,d]; SLOTS_FIRST: [l,b,S,k,d]
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -49,7 +59,8 @@ class KVCache:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
         dtype = jnp.dtype(dtype or cfg.dtype)
         axis = slot_axis(cfg)
-        heads = (cfg.num_kv_heads, max_len) if axis == -2 else (max_len, cfg.num_kv_heads)
+        heads = ((cfg.num_kv_heads, max_len) if axis == HEADS_FIRST
+                 else (max_len, cfg.num_kv_heads))
         shape = (cfg.n_layers, batch, *heads, cfg.dim_per_head)
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    lengths=jnp.zeros((batch,), jnp.int32), slot_axis=axis)
@@ -65,9 +76,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-    def replace(self, **changes) -> "KVCache":
-        return dataclasses.replace(self, **changes)
 
     @property
     def buffers(self):
@@ -97,13 +105,10 @@ class MLACache:
                    lengths=jnp.zeros((batch,), jnp.int32))
 
     batch = property(lambda self: self.latent.shape[1])
-    slot_axis = -2
+    slot_axis = HEADS_FIRST
     max_len = property(lambda self: self.latent.shape[-2])
     nbytes = property(lambda self: self.latent.nbytes + self.k_rope.nbytes)
     buffers = property(lambda self: (self.latent, self.k_rope))
-
-    def replace(self, **changes) -> "MLACache":
-        return dataclasses.replace(self, **changes)
 
     def with_buffers(self, buffers, lengths) -> "MLACache":
         return MLACache(latent=buffers[0], k_rope=buffers[1], lengths=lengths)
@@ -115,7 +120,7 @@ def create_cache(cfg: Config, batch: int, max_len: int, dtype=None):
     return kind.create(cfg, batch, max_len, dtype)
 
 
-def write_layer(buf, new, starts, axis: int = -2):
+def write_layer(buf, new, starts, axis: int = HEADS_FIRST):
     """Write new (buf's layout, t positions on the slot axis `axis`) into buf at per-row
     slot offsets starts [b]."""
     def one(row_buf, row_new, start):

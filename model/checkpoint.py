@@ -16,10 +16,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from .build import SplitModel, abstract_model, initial_non_params, param_shardings
 from .config import Config
-from .sharding import param_shardings
 from .tokenizer import load_tokenizer
-from .transformer import CausalLM
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
@@ -72,23 +71,13 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
         step = max(steps)
     elif step not in steps:
         raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-    graphdef, abstract_state, rest = nnx.split(abstract, nnx.Param, ...)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          nnx.state(abstract, nnx.Param).to_pure_dict())
+    split = SplitModel(abstract_model(cfg))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split.params)
     if mesh is not None:
         target = jax.tree.map(lambda x, s: x.update(sharding=s), target,
                               param_shardings(cfg, mesh))
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))[PARAMS_ITEM]
     mngr.close()
-    nnx.replace_by_pure_dict(abstract_state, restored)
-    lm = nnx.merge(graphdef, abstract_state, initial_non_params(cfg) if rest else rest)
-    return lm, load_tokenizer(meta["tokenizer"], base_dir=run_dir), step
-
-
-def initial_non_params(cfg: Config):
-    """The model's variables that are not Params (e.g. a MoE router's selection bias) at
-    their initial values, which "params" checkpoints do not store. Jitted, so the unused
-    parameter initialisation is dead code and never runs."""
-    return jax.jit(lambda: nnx.split(CausalLM(cfg, nnx.Rngs(0)), nnx.Param, ...)[2])()
+    rest = initial_non_params(cfg) if split.rest else split.rest
+    return split.merge(restored, rest), load_tokenizer(meta["tokenizer"], base_dir=run_dir), step

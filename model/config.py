@@ -20,6 +20,13 @@ ATTENTION_KINDS = ("gqa", "mla")
 
 
 @dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """What makes one layer differ from another of the same model."""
+    moe: bool                # MoE feed-forward instead of the dense MLP
+    window: int | None       # sliding attention window; None = full causal attention
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """Every architectural choice of a decoder LM. Fields left None are derived.
 
@@ -49,6 +56,7 @@ class Config:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: int | None = None      # keys within the last w positions (Mistral)
+    sliding_layers: tuple[int, ...] | None = None  # layers that slide; None → all (Qwen2)
     attn_softcap: float | None = None
     final_softcap: float | None = None
     attn_scale: float | None = None        # None → head_dim ** -0.5
@@ -79,6 +87,7 @@ class Config:
     topk_group: int = 1
     first_k_dense: int = 0                 # the first k layers stay dense (DeepSeek)
     moe_every: int = 1                     # layer i is MoE when (i + 1) % moe_every == 0 (Qwen)
+    mlp_only_layers: tuple[int, ...] = ()  # layers kept dense whatever the above say (Qwen)
     moe_dispatch: str = "dropless"         # "dropless" (ragged_dot), "capacity", "dense"
     capacity_factor: float = 1.25
 
@@ -86,6 +95,10 @@ class Config:
         def bad(field, why):
             raise ValueError(f"Config.{field}: {why}")
 
+        for f in ("sliding_layers", "mlp_only_layers"):  # JSON gives lists; keep it hashable
+            v = getattr(self, f)
+            if v is not None:
+                object.__setattr__(self, f, tuple(sorted(set(v))))
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_position"):
             if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
                 bad(f, f"must be a positive int, got {getattr(self, f)!r}")
@@ -112,6 +125,13 @@ class Config:
             bad("d_model", "sinusoidal positions need an even d_model")
         if self.sliding_window is not None and self.sliding_window < 1:
             bad("sliding_window", f"must be >= 1 or None, got {self.sliding_window}")
+        if self.sliding_layers is not None and self.sliding_window is None:
+            bad("sliding_layers", "needs sliding_window (the window those layers use)")
+        for f in ("sliding_layers", "mlp_only_layers"):
+            outside = [i for i in getattr(self, f) or () if not (isinstance(i, int)
+                                                                and 0 <= i < self.n_layers)]
+            if outside:
+                bad(f, f"layer indices {outside} are not in [0, n_layers={self.n_layers})")
         for f in ("attn_softcap", "final_softcap", "norm_eps", "init_std", "rope_theta"):
             v = getattr(self, f)
             if v is not None and v <= 0:
@@ -170,17 +190,28 @@ class Config:
         return scale
 
     def is_moe_layer(self, i: int) -> bool:
-        return bool(self.n_experts) and i >= self.first_k_dense and (i + 1) % self.moe_every == 0
+        return (bool(self.n_experts) and i >= self.first_k_dense
+                and (i + 1) % self.moe_every == 0 and i not in self.mlp_only_layers)
 
-    def layer_groups(self) -> list[tuple[bool, int]]:
-        """Runs of consecutive identical layers as (is_moe, count); each run is one scan."""
-        groups: list[tuple[bool, int]] = []
+    def layer_window(self, i: int) -> int | None:
+        """The sliding window of layer i's attention (None: it sees every earlier key)."""
+        if self.sliding_layers is not None and i not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
+    def layer_kind(self, i: int) -> "LayerKind":
+        return LayerKind(moe=self.is_moe_layer(i), window=self.layer_window(i))
+
+    def layer_groups(self) -> list[tuple["LayerKind", int]]:
+        """Runs of consecutive identical layers as (kind, count); each run is one scan, so
+        any pattern of dense/MoE and sliding/full layers is a grouping."""
+        groups: list[tuple[LayerKind, int]] = []
         for i in range(self.n_layers):
-            moe = self.is_moe_layer(i)
-            if groups and groups[-1][0] == moe:
-                groups[-1] = (moe, groups[-1][1] + 1)
+            kind = self.layer_kind(i)
+            if groups and groups[-1][0] == kind:
+                groups[-1] = (kind, groups[-1][1] + 1)
             else:
-                groups.append((moe, 1))
+                groups.append((kind, 1))
         return groups
 
     def replace(self, **changes) -> "Config":

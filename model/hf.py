@@ -37,6 +37,7 @@ from jaxlm.ops.rope import RopeScaling
 from .config import DTYPES, Config
 from .hf_moe import FAMILIES as MOE_FAMILIES, expert_rules, family_of, hf_fields, mla_rules
 from .hf_moe import moe_fields, moe_wrong
+from .build import abstract_model
 from .sharding import logical_to_spec
 from .transformer import CausalLM
 
@@ -576,7 +577,7 @@ def from_hf(path: str, dtype=None, param_dtype=None, mesh=None) -> CausalLM:
     rules = _rules(family, cfg)
     _check(rules, tensors, cfg)
     values = _convert(rules, tensors, cfg)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    graphdef, state = nnx.split(abstract_model(cfg))
     params = dict(nnx.to_flat_state(state))
     want, got = ({p: v.shape for p, v in d.items()} for d in (params, values))
     if want != got:  # a bug in the rules, not in the checkpoint

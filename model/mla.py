@@ -24,10 +24,11 @@ from .layers import Dense, RMSNorm, residual_std
 
 
 class MLAttention(nnx.Module):
-    def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, window: int | None = None):
         d, h = cfg.d_model, cfg.n_heads
         dn, dr, dv, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
         self.cfg = cfg
+        self.window = window  # this layer's sliding window (Config.layer_window)
         if cfg.q_lora_rank:
             rq = cfg.q_lora_rank
             self.q_a = Dense(cfg, (d,), (rq,), ("embed",), ("q_lora",), bias=cfg.qkv_bias,
@@ -66,7 +67,7 @@ class MLAttention(nnx.Module):
         latent = self.kv_a_norm(ckv[..., :r])
         k_rope = ops.apply_rope(ckv[..., None, r:], cos, sin, cfg.rope_layout)[:, :, 0]
 
-        mask_args = dict(causal=True, sliding_window=cfg.sliding_window,
+        mask_args = dict(causal=True, sliding_window=self.window,
                          scale=cfg.softmax_scale, softcap=cfg.attn_softcap,
                          implementation=cfg.attention_impl)
         if kv is None:

@@ -5,7 +5,7 @@ activations and caches use the names below. Model maths never mentions a mesh
 axis: sharding is JAX's own runtime (jax.jit with NamedSharding over a Mesh).
 
     mesh = make_mesh("data=2,fsdp=2,tensor=2")
-    lm = create_sharded(cfg, mesh)           # parameters born sharded, never gathered
+    lm = build.create(cfg, seed, mesh)       # parameters born sharded, never gathered
     batch = global_batch(host_arrays, mesh)  # rows over data/fsdp/expert, any number of hosts
 
 Multi-host: every process calls init_distributed(...) first; make_mesh then spans the
@@ -13,7 +13,6 @@ devices of all processes (jax.devices() is global) and jit runs one SPMD program
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Mapping, Sequence
 
@@ -82,19 +81,35 @@ def make_mesh(spec: str | Mapping[str, int], devices: Sequence | None = None) ->
     return jax.make_mesh(tuple(sizes.values()), tuple(sizes), devices=devices, axis_types=auto)
 
 
+# Logical names whose dimension is expected to be smaller than the mesh axes their rule
+# names, and then replicate instead of raising: a GQA model has fewer kv heads than
+# tensor-parallel ranks (each rank then keeps every kv head), and a decode batch can be
+# a single row. Any other dimension that an axis does not divide is a misconfigured mesh.
+REPLICABLE = frozenset({"kv_heads", "batch"})
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES) -> P:
+                    rules: Mapping[str, tuple[str, ...] | None] = DEFAULT_RULES, *,
+                    what: str = "array", replicable=REPLICABLE) -> P:
     """The PartitionSpec for one array: each dim takes the mesh axes its rule lists,
-    skipping axes already used, absent from the mesh, or that do not divide the dim."""
+    skipping axes already used or absent (size 1) from the mesh. An axis that does not
+    divide its dim is a ValueError naming `what`, the dim and the axis, unless the dim's
+    logical name is in `replicable` (then that axis is skipped)."""
     used: set[str] = set()
     spec = []
-    for name, size in zip(names, shape):
+    for dim, (name, size) in enumerate(zip(names, shape)):
         axes = []
         for axis in (rules.get(name) or ()) if name is not None else ():
             if axis in used or axis not in mesh.shape or mesh.shape[axis] == 1:
                 continue
             if size % (math.prod(mesh.shape[a] for a in axes) * mesh.shape[axis]):
-                continue
+                if name in replicable:
+                    continue
+                raise ValueError(
+                    f"{what}: dimension {dim} ({name!r}, size {size}) does not split over "
+                    f"mesh axis {axis!r} (size {mesh.shape[axis]}) "
+                    f"{'after ' + str(axes) + ' ' if axes else ''}; choose mesh sizes "
+                    f"that divide it, or map {name!r} to other axes in the rules")
             axes.append(axis)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -105,52 +120,23 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES, *, drop: 
     """NamedShardings for every variable of an (abstract) NNX state, from its metadata.
     drop: leading logical names to skip, for slices of a stacked state (one layer of the
     scanned 'layers' stack: drop=1)."""
-    def one(var):
+    def one(path, var):
         names = var.get_metadata().get("out_sharding") or (None,) * (len(var.shape) + drop)
-        spec = logical_to_spec(tuple(names)[drop:], var.shape, mesh, rules)
+        spec = logical_to_spec(tuple(names)[drop:], var.shape, mesh, rules,
+                               what=f"parameter {jax.tree_util.keystr(path)}")
         return var.replace(NamedSharding(mesh, spec))
-    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-@functools.lru_cache(maxsize=8)
-def initializer(cfg, mesh: Mesh | None = None, rules=None):
-    """jit(seed -> the full NNX state of a fresh CausalLM(cfg)), every variable created
-    directly in its shards when a mesh is given; one compile per (cfg, mesh), any seed."""
-    from .transformer import CausalLM
-
-    def init(seed):
-        return nnx.state(CausalLM(cfg, nnx.Rngs(jax.random.key(seed))))
-    if mesh is None:
-        return jax.jit(init)
-    abstract = nnx.state(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
-    return jax.jit(init, out_shardings=state_shardings(abstract, mesh,
-                                                       rules or DEFAULT_RULES))
-
-
-def create_sharded(cfg, mesh: Mesh, seed: int = 0):
-    """A CausalLM whose parameters are created directly in their shards (jit out_shardings)."""
-    from .transformer import CausalLM
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
-    return nnx.merge(graphdef, initializer(cfg, mesh)(np.int32(seed)))
+    return jax.tree_util.tree_map_with_path(one, state,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def activation_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int],
-                        rules=DEFAULT_RULES) -> NamedSharding:
+                        rules=DEFAULT_RULES, what: str = "activation") -> NamedSharding:
     """Sharding of an activation/cache/batch array from logical names, e.g. ('batch', 'length')."""
-    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules))
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh, rules, what=what))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def param_shardings(cfg, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings of the model's parameters as a plain nested dict (the layout of
-    `checkpoint.params_of`, which the trainer's state uses)."""
-    from .transformer import CausalLM
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-    shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh, rules)
-    return shardings.to_pure_dict()
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0,

@@ -18,9 +18,10 @@ from jaxlm import ops
 
 from .attention import Attention
 from .cache import KVCache, MLACache, create_cache, slot_axis
-from .config import Config
+from .config import Config, LayerKind
 from .layers import MLP, Dense, Embed, Norm, make_param
 from .mla import MLAttention
+from .moe import MoE
 
 
 class Output(NamedTuple):
@@ -32,40 +33,48 @@ class Output(NamedTuple):
 class Block(nnx.Module):
     """One pre-norm (or post-norm) residual block: attention, then MLP or MoE."""
 
-    def __init__(self, cfg: Config, rngs: nnx.Rngs, moe: bool = False):
+    def __init__(self, cfg: Config, rngs: nnx.Rngs, kind: LayerKind | None = None):
+        kind = kind or LayerKind(moe=False, window=cfg.sliding_window)
         self.post_norm = cfg.post_norm
         self.attn_norm = Norm(cfg, cfg.d_model, "embed", rngs)
-        self.attn = (MLAttention if cfg.attention == "mla" else Attention)(cfg, rngs)
+        self.attn = (MLAttention if cfg.attention == "mla" else Attention)(cfg, rngs,
+                                                                          kind.window)
         self.mlp_norm = Norm(cfg, cfg.d_model, "embed", rngs)
-        if moe:
-            from .moe import MoE  # MoE pulls in ops.moe; dense models never need it
-            self.mlp = MoE(cfg, rngs)
-        else:
-            self.mlp = MLP(cfg, rngs)
+        self.mlp = MoE(cfg, rngs) if kind.moe else MLP(cfg, rngs)
+
+    def _attention(self, x, positions, attn_kwargs):
+        with jax.named_scope("attention"):
+            return self.attn(x, positions, **attn_kwargs)
 
     def _ffn(self, x):
-        out = self.mlp(x)
+        with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
+            out = self.mlp(x)
         return out if isinstance(out, tuple) else (out, {})
 
     def __call__(self, x, positions, **attn_kwargs):
         """Returns (x, updated kv buffers or None, aux dict of this layer)."""
         if self.post_norm:
-            a, kv = self.attn(x, positions, **attn_kwargs)
-            x = self.attn_norm(x + a)
+            a, kv = self._attention(x, positions, attn_kwargs)
+            x = _norm(self.attn_norm, "attn_norm", x + a)
             f, aux = self._ffn(x)
-            return self.mlp_norm(x + f), kv, aux
-        a, kv = self.attn(self.attn_norm(x), positions, **attn_kwargs)
+            return _norm(self.mlp_norm, "mlp_norm", x + f), kv, aux
+        a, kv = self._attention(_norm(self.attn_norm, "attn_norm", x), positions, attn_kwargs)
         x = x + a
-        f, aux = self._ffn(self.mlp_norm(x))
+        f, aux = self._ffn(_norm(self.mlp_norm, "mlp_norm", x))
         return x + f, kv, aux
 
 
-def stacked_blocks(cfg: Config, rngs: nnx.Rngs, n: int, moe: bool = False):
+def _norm(norm: Norm, name: str, x):
+    with jax.named_scope(name):
+        return norm(x)
+
+
+def stacked_blocks(cfg: Config, rngs: nnx.Rngs, n: int, kind: LayerKind):
     """n independently initialised Blocks whose parameters share a leading 'layers' axis."""
     @nnx.split_rngs(splits=n)
     @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
     def make(r):
-        return Block(cfg, r, moe)
+        return Block(cfg, r, kind)
     return make(rngs)
 
 
@@ -94,15 +103,24 @@ def scan_blocks(blocks, x, kv, cfg: Config, **block_kwargs):
 
 
 def _mean_over_layers(per_group_aux):
-    """Average each aux entry over every layer that produced it (MoE layers only)."""
+    """Average each aux entry over every layer that produced it (MoE layers only), and
+    keep each MoE layer's expert load, in layer order, as "expert_load_per_layer"
+    [MoE layers, e]: what aux-loss-free balancing moves each layer's router bias by."""
     stacked = [a for a in per_group_aux if a]
     if not stacked:
         return {}
-    return {key: jnp.mean(jnp.concatenate([a[key] for a in stacked]), axis=0)
-            for key in stacked[0]}
+    joined = {key: jnp.concatenate([a[key] for a in stacked]) for key in stacked[0]}
+    out = {key: jnp.mean(value, axis=0) for key, value in joined.items()}
+    if "expert_load" in joined:
+        out["expert_load_per_layer"] = joined["expert_load"]
+    return out
 
 
 class CausalLM(nnx.Module):
+    """embed → blocks → final norm → LM head. Its pieces (embed_inputs, position_signals,
+    the Blocks, head) are what every forward pass calls: __call__ below (training,
+    prefill, decode) and the engine's per-layer loop (jaxlm.infer.forward)."""
+
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embed = Embed(cfg, rngs)
@@ -110,8 +128,8 @@ class CausalLM(nnx.Module):
                                      "normal", cfg)
                           if cfg.position == "learned" else None)
         # Runs of identical layers (e.g. DeepSeek's first k dense, then MoE), one scan each.
-        self.blocks = nnx.List([stacked_blocks(cfg, rngs, n, moe)
-                                for moe, n in cfg.layer_groups()])
+        self.blocks = nnx.List([stacked_blocks(cfg, rngs, n, kind)
+                                for kind, n in cfg.layer_groups()])
         self.final_norm = Norm(cfg, cfg.d_model, "embed", rngs)
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",),
@@ -121,8 +139,24 @@ class CausalLM(nnx.Module):
         """A zero KVCache (or MLACache) for `batch` rows of up to max_len positions."""
         return create_cache(self.cfg, batch, max_len or self.cfg.max_position, dtype)
 
-    def _position_signals(self, positions):
-        """(rope cos/sin, alibi slopes) for this call; both None when unused."""
+    # The pieces of the forward pass --------------------------------------------------
+    def embed_inputs(self, tokens, positions):
+        """Token embeddings plus absolute position embeddings (learned or sinusoidal):
+        x [b,t,d]. Positions past a learned table (the padding of a batched prefill,
+        never attended) read its last row rather than NaN."""
+        cfg = self.cfg
+        with jax.named_scope("embed"):
+            x = self.embed(tokens)
+            if self.pos_embed is not None:
+                table = self.pos_embed[...]
+                rows = jnp.minimum(positions, table.shape[0] - 1)
+                x = x + jnp.take(table, rows, axis=0).astype(x.dtype)
+            elif cfg.position == "sinusoidal":
+                x = x + ops.sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
+            return x
+
+    def position_signals(self, positions):
+        """(rope cos/sin, alibi slopes) the attention layers need; both None when unused."""
         cfg = self.cfg
         if cfg.position == "rope":
             seq_len = jnp.max(positions) + 1  # read by dynamic-NTK scaling only
@@ -133,33 +167,45 @@ class CausalLM(nnx.Module):
             return None, ops.alibi_slopes(cfg.n_heads)
         return None, None
 
+    def head(self, x):
+        """Final norm and LM head: float32 logits [b,t,v] (soft-capped if configured)."""
+        cfg = self.cfg
+        x = _norm(self.final_norm, "final_norm", x)
+        with jax.named_scope("lm_head"):
+            logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+            logits = logits.astype(jnp.float32)
+            if cfg.final_softcap is not None:
+                logits = ops.soft_cap(logits, cfg.final_softcap)
+            return logits
+
+    def check_inputs(self, tokens, cache, segment_ids=None) -> None:
+        """ValueErrors for calls that cannot mean anything."""
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if cache is None:
+            return
+        if cache.batch != tokens.shape[0]:
+            raise ValueError(f"cache has {cache.batch} rows but tokens have {tokens.shape[0]}")
+        if cache.slot_axis != slot_axis(self.cfg):
+            raise ValueError(f"cache laid out for another attention_impl than "
+                             f"{self.cfg.attention_impl!r}; make it with this model's init_cache")
+        if segment_ids is not None:
+            raise ValueError("segment_ids are for packed training; don't pass them with a cache")
+
     def __call__(self, tokens, positions=None, cache: KVCache | None = None, *,
                  segment_ids=None) -> Output:
         """tokens [b,t] int; positions [b,t] (default: continue from the cache lengths);
         segment_ids [b,t] keeps packed documents apart (training only)."""
         cfg = self.cfg
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        self.check_inputs(tokens, cache, segment_ids)
         b, t = tokens.shape
-        if cache is not None and cache.batch != b:
-            raise ValueError(f"cache has {cache.batch} rows but tokens have {b}")
-        if cache is not None and cache.slot_axis != slot_axis(cfg):
-            raise ValueError(f"cache laid out for another attention_impl than "
-                             f"{cfg.attention_impl!r}; make it with this model's init_cache")
-        if cache is not None and segment_ids is not None:
-            raise ValueError("segment_ids are for packed training; don't pass them with a cache")
         starts = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
         if positions is None:
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
 
-        x = self.embed(tokens)
-        if self.pos_embed is not None:
-            x = x + jnp.take(self.pos_embed[...], positions, axis=0).astype(x.dtype)
-        elif cfg.position == "sinusoidal":
-            x = x + ops.sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
-        rope, alibi = self._position_signals(positions)
-
+        x = self.embed_inputs(tokens, positions)
+        rope, alibi = self.position_signals(positions)
         new_buffers, group_aux, first = [], [], 0
         for group, (_, n) in zip(self.blocks, cfg.layer_groups()):
             kv = (None if cache is None else
@@ -169,11 +215,7 @@ class CausalLM(nnx.Module):
             new_buffers.append(kv)
             group_aux.append(aux)
             first += n
-        x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = logits.astype(jnp.float32)
-        if cfg.final_softcap is not None:
-            logits = ops.soft_cap(logits, cfg.final_softcap)
+        logits = self.head(x)
         if cache is not None:
             buffers = (new_buffers[0] if len(new_buffers) == 1 else
                        tuple(jnp.concatenate(parts) for parts in zip(*new_buffers)))

@@ -14,7 +14,7 @@ from flax import nnx
 from jaxlm.infer import DecodeCache, Engine, Sampling, forward, generate
 from jaxlm.infer import engine as engine_mod
 from jaxlm.infer.cli import main
-from jaxlm.model import CausalLM, Config
+from jaxlm.model import CausalLM, Config, abstract_model
 
 V = 256  # byte-tokenizer sized, so the CLI's run directory shares compiled steps
 BASE = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -27,9 +27,17 @@ CONFIGS = {
     "sinusoidal-postnorm": Config(**BASE, position="sinusoidal", post_norm=True),
     "alibi-softcaps": Config(**BASE, position="alibi", attn_softcap=5.0, final_softcap=3.0),
     "qknorm-window": Config(**BASE, qk_norm=True, sliding_window=3, head_dim=12),
-    "moe": Config(**BASE, n_experts=4, n_experts_per_tok=2, first_k_dense=1),
+    # full, sliding, full: three scan groups in training, three layers in the engine
+    "window-per-layer": Config(**{**BASE, "n_layers": 3}, sliding_window=3,
+                               sliding_layers=(1,)),
+    # dense, MoE, dense (first_k_dense and mlp_only_layers together)
+    "moe": Config(**{**BASE, "n_layers": 3}, n_experts=4, n_experts_per_tok=2,
+                  first_k_dense=1, mlp_only_layers=(2,)),
     "mla": Config(**{**BASE, "n_kv_heads": None}, attention="mla", kv_lora_rank=16,
                   qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8),
+    "mla-absorbed": Config(**{**BASE, "n_kv_heads": None}, attention="mla", kv_lora_rank=16,
+                           qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                           q_lora_rank=12, mla_absorb=True),
 }
 RNG = np.random.default_rng(0)
 # Different lengths, each (alone or batched) in one 16-token prefill and a 32-slot cache.
@@ -40,7 +48,7 @@ N = 12  # new tokens
 def tiny_lm(cfg: Config, seed: int = 0) -> CausalLM:
     """CausalLM with numpy-drawn weights: tracing the constructor costs nothing, while its
     jax.random init compiles threefry once per parameter shape (seconds on a busy CPU)."""
-    graph, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    graph, state = nnx.split(abstract_model(cfg))
     rng = np.random.default_rng(seed)
     cpu = jax.devices()[0]  # committed, like restored checkpoints: one jit cache entry
     state = jax.tree.map(lambda x: jax.device_put(rng.normal(0, cfg.init_std, x.shape)
@@ -72,26 +80,12 @@ def greedy_run(llama):
     return llama[1].generate(PROMPTS, max_new_tokens=N, record_logits=True)
 
 
-@pytest.mark.parametrize("name", [
-    "sinusoidal-postnorm", "alibi-softcaps",
-    pytest.param("moe", marks=pytest.mark.slow), pytest.param("mla", marks=pytest.mark.slow)])
-def test_forward_equals_model(name):
-    """The engine's unrolled forward equals CausalLM for the position kinds and layer
-    types not covered by the decode tests below (llama, gpt2, qk-norm + window)."""
-    lm = tiny_lm(CONFIGS[name], 1)
-    tokens = jnp.asarray(RNG.integers(0, V, (2, 11)), jnp.int32)
-    engine = Engine(lm)
-    got, cache = jax.jit(forward, static_argnums=0)(engine.graphs, engine.weights, tokens,
-                                                    engine.new_cache(2, 16))
-    want = full_logits(lm, np.asarray(tokens).tolist())
-    np.testing.assert_allclose(np.asarray(got), np.stack(want), atol=1e-5)
-    np.testing.assert_array_equal(cache.lengths, [11, 11])
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2", "qknorm-window"])
-def test_cached_decode_logits_equal_full_recompute(name, llama, greedy_run):
-    """Every step's logits from the one-jit loop equal a full pass over the sequence so
-    far, to 1e-5, for prompts of different lengths batched together."""
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_engine_equals_training_forward(name, llama, greedy_run):
+    """Every model kind through the engine (batched prefill, then the one-jit decode loop
+    over per-layer weights) and through the training forward (CausalLM over the whole
+    sequence, scanned layer groups, no cache): every step's logits equal to 1e-5, for
+    prompts of different lengths batched together."""
     lm, engine = llama if name == "llama" else (lm := tiny_lm(CONFIGS[name], 2),
                                                 Engine(lm))
     out, logits = (greedy_run if name == "llama" else
@@ -101,6 +95,17 @@ def test_cached_decode_logits_equal_full_recompute(name, llama, greedy_run):
     for i, p in enumerate(PROMPTS):
         np.testing.assert_allclose(logits[i], full[i][len(p) - 1:], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(out[i], np.argmax(full[i][len(p) - 1:], -1))
+
+
+def test_engine_forward_returns_every_position(llama):
+    """forward() without `last` gives logits for every position, as the model does."""
+    lm, engine = llama
+    tokens = jnp.asarray(RNG.integers(0, V, (2, 11)), jnp.int32)
+    got, cache = jax.jit(forward, static_argnums=0)(engine.graphs, engine.weights, tokens,
+                                                    engine.new_cache(2, 16))
+    want = full_logits(lm, np.asarray(tokens).tolist())
+    np.testing.assert_allclose(np.asarray(got), np.stack(want), atol=1e-5)
+    np.testing.assert_array_equal(cache.lengths, [11, 11])
 
 
 def test_rows_equal_rows_run_alone(llama, greedy_run):
@@ -358,8 +363,8 @@ def test_pallas_kernels_get_a_slot_major_cache_and_the_same_tokens(llama, greedy
     (Pallas interpret mode on CPU)."""
     lm, engine = llama
     graph, state = nnx.split(lm)
-    pallas_lm = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: CausalLM(
-        lm.cfg.replace(attention_impl="pallas"), nnx.Rngs(0)))), state)
+    pallas_lm = nnx.merge(nnx.graphdef(abstract_model(lm.cfg.replace(attention_impl="pallas"))),
+                          state)
     pallas = Engine(pallas_lm)
     cfg = lm.cfg
     assert pallas.new_cache(2, 32).layers[0][0].shape == (2, 32, cfg.num_kv_heads,

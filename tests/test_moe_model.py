@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxlm.model import CausalLM, Config, preset
+from jaxlm.model import CausalLM, Config, abstract_model, preset
 
 TOKENS = jax.random.randint(jax.random.key(0), (2, 9), 0, 64)
 QWEN_LIKE = Config(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -15,9 +15,14 @@ DEEPSEEK_LIKE = preset("deepseek-v3-small", vocab_size=64, init_std=0.2)
 
 
 def test_layer_patterns_follow_deepseek_and_qwen_rules():
-    assert DEEPSEEK_LIKE.layer_groups() == [(False, 1), (True, 3)]       # first_k_dense=1
-    assert QWEN_LIKE.layer_groups() == [(False, 1), (True, 1), (False, 1)]  # (i+1) % 2 == 0
-    lm = nnx.eval_shape(lambda: CausalLM(DEEPSEEK_LIKE, nnx.Rngs(0)))
+    moe = lambda groups: [(kind.moe, n) for kind, n in groups]  # noqa: E731
+    assert moe(DEEPSEEK_LIKE.layer_groups()) == [(False, 1), (True, 3)]       # first_k_dense=1
+    assert moe(QWEN_LIKE.layer_groups()) == [(False, 1), (True, 1), (False, 1)]  # (i+1) % 2
+    # Qwen's mlp_only_layers on top of decoder_sparse_step: any list of dense layers.
+    qwen = QWEN_LIKE.replace(n_layers=6, moe_every=1, mlp_only_layers=[1, 4, 5])
+    assert moe(qwen.layer_groups()) == [(True, 1), (False, 1), (True, 2), (False, 2)]
+    assert qwen == Config.from_json(qwen.to_json())  # lists come back as (hashable) tuples
+    lm = abstract_model(DEEPSEEK_LIKE)
     assert lm.blocks[0].mlp.up.kernel.shape == (1, 256, 512)          # dense: ffn_dim
     assert lm.blocks[1].mlp.up.shape == (3, 8, 256, 128)              # [l, e, d, moe_ffn]
     assert lm.blocks[1].mlp.shared_up.shape == (3, 256, 128)          # 1 shared × moe_ffn
@@ -46,7 +51,10 @@ def test_aux_losses_are_returned_and_gradients_reach_the_router():
     lm = CausalLM(QWEN_LIKE, nnx.Rngs(2))
     out = lm(TOKENS)
     assert set(out.aux) == {"load_balance_loss", "router_z_loss", "dropped_fraction",
-                            "expert_load"}
+                            "expert_load", "expert_load_per_layer"}
+    # One row per MoE layer (QWEN_LIKE: only layer 1), their mean is "expert_load".
+    chex.assert_shape(out.aux["expert_load_per_layer"], (1, QWEN_LIKE.n_experts))
+    chex.assert_trees_all_close(out.aux["expert_load_per_layer"].mean(0), out.aux["expert_load"])
     assert 1.0 <= float(out.aux["load_balance_loss"]) <= QWEN_LIKE.n_experts
     chex.assert_trees_all_close(out.aux["expert_load"].sum(), jnp.float32(1.0), atol=1e-6)
     graphdef, params = nnx.split(lm, nnx.Param)

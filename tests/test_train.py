@@ -10,7 +10,8 @@ from flax import nnx
 
 from jaxlm.model import CausalLM, Config
 from jaxlm.train.config import TrainConfig
-from jaxlm.train.step import (Model, aux_loss, decay_mask, init_state, loss_and_grads,
+from jaxlm.model.build import SplitModel
+from jaxlm.train.step import (aux_loss, decay_mask, init_state, loss_and_grads,
                               make_optimizer, make_train_step, schedule)
 
 CFG = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
@@ -27,15 +28,15 @@ def _batch(accum=1, b=4, t=16, seed=0, vocab=64):
 
 
 _TCFG = TrainConfig(steps=20, warmup_steps=2, lr=1e-2)
-_MODEL = Model.create(CFG, 0)
+_MODEL = SplitModel.create(CFG, 0)
 _lg = jax.jit(lambda p, b: loss_and_grads(_MODEL, _TCFG, p, b))  # one compile per shape
 
 
 def _setup(cfg=CFG, **train):
     tcfg = TrainConfig(**{"steps": 20, "warmup_steps": 2, "lr": 1e-2, **train})
-    model = Model.create(cfg, 0)
-    opt = make_optimizer(tcfg, model.init_params)
-    return tcfg, model, opt, init_state(tcfg, cfg, model.init_params, opt)
+    model = SplitModel.create(cfg, 0)
+    opt = make_optimizer(tcfg, model.params)
+    return tcfg, model, opt, init_state(tcfg, cfg, model.params, opt)
 
 
 def test_step_is_pure_and_loss_falls():
@@ -63,8 +64,8 @@ def test_grad_accumulation_equals_one_big_batch():
     big = _batch(1, b=4)
     big["loss_mask"] = big["loss_mask"].at[0, 0, :5].set(False)  # uneven token counts
     split = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[2:]), big)
-    l1, g1, _ = _lg(_MODEL.init_params, big)
-    l2, g2, _ = _lg(_MODEL.init_params, split)
+    l1, g1, _ = _lg(_MODEL.params, big)
+    l2, g2, _ = _lg(_MODEL.params, split)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
 
@@ -75,11 +76,11 @@ def test_loss_mask_drops_tokens():
     other = _batch(seed=5)  # different tokens after position 8, masked out there
     changed = {**masked, **{k: masked[k].at[:, :, 8:].set(other[k][:, :, 8:])
                             for k in ("inputs", "targets")}}
-    l1, g1, _ = _lg(_MODEL.init_params, masked)
-    l2, g2, _ = _lg(_MODEL.init_params, changed)  # causal: the tail cannot matter
+    l1, g1, _ = _lg(_MODEL.params, masked)
+    l2, g2, _ = _lg(_MODEL.params, changed)  # causal: the tail cannot matter
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
-    l3, _, _ = _lg(_MODEL.init_params, batch)
+    l3, _, _ = _lg(_MODEL.params, batch)
     assert abs(float(l3) - float(l1)) > 1e-4
 
 
@@ -129,10 +130,10 @@ def test_aux_losses_are_weighted_by_key():
 
 def test_moe_aux_losses_enter_the_step_loss_with_their_weights():
     cfg = CFG.replace(n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16)
-    model = Model.create(cfg, 0)
+    model = SplitModel.create(cfg, 0)
     tcfg = TrainConfig(aux_loss_weight=0.5, aux_loss_weights="router_z_loss=0.25")
     loss, grads, parts = jax.jit(lambda p: loss_and_grads(model, tcfg, p, _batch()))(
-        model.init_params)
+        model.params)
     balance, z = float(parts["aux/load_balance_loss"]), float(parts["aux/router_z_loss"])
     assert balance > 0 and z > 0
     np.testing.assert_allclose(float(loss), float(parts["ce"]) + 0.5 * balance + 0.25 * z,
@@ -144,9 +145,9 @@ def test_moe_aux_losses_enter_the_step_loss_with_their_weights():
 
 def test_z_loss_adds_mean_squared_logsumexp():
     batch = _batch()
-    base, _, parts = _lg(_MODEL.init_params, batch)
+    base, _, parts = _lg(_MODEL.params, batch)
     tz = _TCFG.replace(z_loss=1e-2)
-    with_z, _, _ = jax.jit(lambda p: loss_and_grads(_MODEL, tz, p, batch))(_MODEL.init_params)
+    with_z, _, _ = jax.jit(lambda p: loss_and_grads(_MODEL, tz, p, batch))(_MODEL.params)
     lse = jax.nn.logsumexp(jnp.zeros((CFG.vocab_size,)))  # near-uniform logits at init
     assert float(parts["z_loss"]) == pytest.approx(float(lse) ** 2, rel=0.05)
     np.testing.assert_allclose(with_z - base, 1e-2 * parts["z_loss"], rtol=1e-4)
@@ -182,15 +183,15 @@ def test_fp16_dynamic_loss_scale_skips_overflow_and_halves():
 @pytest.mark.slow  # tests/test_model.py covers remat gradients; this checks the train path
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_memory_not_gradients(remat):
-    other = Model.create(CFG.replace(remat=remat), 0)
+    other = SplitModel.create(CFG.replace(remat=remat), 0)
     batch = _batch()
-    _, g1, _ = _lg(_MODEL.init_params, batch)
-    _, g2, _ = jax.jit(lambda p: loss_and_grads(other, _TCFG, p, batch))(_MODEL.init_params)
+    _, g1, _ = _lg(_MODEL.params, batch)
+    _, g2, _ = jax.jit(lambda p: loss_and_grads(other, _TCFG, p, batch))(_MODEL.params)
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
 
 
 def test_clipping_bounds_the_gradient_adam_sees():
-    params = Model.create(CFG, 0).init_params
+    params = SplitModel.create(CFG, 0).params
     grads = jax.tree.map(lambda p: jnp.full_like(p, 5.0), params)
     for clip, want in ((1e-3, 1e-3), (0.0, float(optax.global_norm(grads)))):  # 0: off
         opt = make_optimizer(TrainConfig(clip_norm=clip), params)

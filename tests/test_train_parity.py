@@ -11,7 +11,8 @@ import safetensors.numpy  # noqa: E402
 
 from jaxlm.model import from_hf, to_hf  # noqa: E402
 from jaxlm.train.config import TrainConfig  # noqa: E402
-from jaxlm.train.step import Model, loss_and_grads  # noqa: E402
+from jaxlm.model.build import SplitModel  # noqa: E402
+from jaxlm.train.step import loss_and_grads  # noqa: E402
 
 
 def _relative(a, b):
@@ -29,7 +30,7 @@ def test_loss_and_gradients_equal_transformers(tmp_path, tied):
         tie_word_embeddings=tied, attention_bias=False)
     hf = transformers.LlamaForCausalLM(hf_cfg).float()
     hf.save_pretrained(tmp_path / "hf")
-    model = Model(from_hf(str(tmp_path / "hf")))
+    model = SplitModel(from_hf(str(tmp_path / "hf")))
 
     tokens = np.random.default_rng(0).integers(0, 61, size=(3, 17))
     hf.zero_grad()
@@ -44,11 +45,11 @@ def test_loss_and_gradients_equal_transformers(tmp_path, tied):
              "loss_mask": np.ones((1, b, t), bool)}
     batch = {k: jnp.asarray(v, jnp.bool_ if k == "loss_mask" else jnp.int32)
              for k, v in batch.items()}
-    loss, grads, _ = loss_and_grads(model, TrainConfig(), model.init_params, batch)
+    loss, grads, _ = loss_and_grads(model, TrainConfig(), model.params, batch)
     assert abs(float(loss) - out.loss.item()) <= 1e-4 * out.loss.item()
 
     # The gradients take the parameters' way out: to_hf lays them out as HF tensors.
-    to_hf(model.module(grads), str(tmp_path / "grads"))
+    to_hf(model.merge(grads), str(tmp_path / "grads"))
     ours = safetensors.numpy.load_file(str(tmp_path / "grads" / "model.safetensors"))
     assert set(ours) == set(torch_grads) or (tied and set(ours) | {"lm_head.weight"} ==
                                              set(torch_grads))

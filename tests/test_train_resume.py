@@ -146,14 +146,15 @@ def test_checkpoints_load_for_inference_including_non_param_state(tmp_path):
     from jaxlm.model.checkpoint import write_run_file
     from jaxlm.train.checkpoint import Checkpointer
     from jaxlm.train.config import TrainConfig
-    from jaxlm.train.step import Model, init_state, make_optimizer
+    from jaxlm.model.build import SplitModel
+    from jaxlm.train.step import init_state, make_optimizer
     cfg = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                  n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16, router="sigmoid",
                  n_shared_experts=1, max_position=64)
-    model = Model.create(cfg, 0)
+    model = SplitModel.create(cfg, 0)
     tcfg = TrainConfig()
-    opt = make_optimizer(tcfg, model.init_params)
-    state = init_state(tcfg, cfg, model.init_params, opt)
+    opt = make_optimizer(tcfg, model.params)
+    state = init_state(tcfg, cfg, model.params, opt)
     run = str(tmp_path / "moe")
     write_run_file(run, cfg, "byte", train=tcfg.to_dict())
     ckpt = Checkpointer(run, keep=1)

@@ -171,6 +171,8 @@ def _coerce(owner: str, name: str, text: str, hints) -> Any:
             return float(value)
         if t is str:
             return value if isinstance(value, str) else json.dumps(value)
+        if typing.get_origin(t) is tuple and isinstance(value, list):
+            return tuple(value)  # e.g. --model.mlp_only_layers [0,3]
         if dataclasses.is_dataclass(t) and isinstance(value, dict):
             return value  # e.g. rope_scaling; Config turns the dict into RopeScaling
     wanted = " or ".join(getattr(t, "__name__", str(t)) for t in args)

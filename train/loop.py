@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxlm.model import Config
 from jaxlm.model.checkpoint import write_run_file
+from jaxlm.model.build import SplitModel
 from jaxlm.model.sharding import make_mesh
 
 from . import data as D
@@ -24,7 +25,7 @@ from .checkpoint import Checkpointer
 from .config import TrainConfig
 from .report import MetricsLog, Progress, Throughput, measure_matmul_peak, plot_losses
 from .sample import generate_text
-from .step import (Model, count_params, flops_per_token, init_state, make_eval_step,
+from .step import (count_params, flops_per_token, init_state, make_eval_step,
                    make_optimizer, make_train_step)
 
 RUNS = "runs"
@@ -85,15 +86,11 @@ def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_toke
 
 
 def build(tcfg: TrainConfig, cfg: Config, mesh=None):
-    """(Model, optimizer, initial TrainState), born sharded over the mesh when given."""
-    try:
-        model = Model.create(cfg, tcfg.seed, mesh)
-    except ModuleNotFoundError as e:  # e.g. a MoE preset before jaxlm.model.moe exists
-        raise ValueError(f"--preset {tcfg.preset}: this jaxlm cannot build it yet "
-                         f"({e}); choose another preset") from None
-    optimizer = make_optimizer(tcfg, model.init_params)
-    state = init_state(tcfg, cfg, model.init_params, optimizer, mesh)
-    model.init_params = None  # the state owns the parameters from here on
+    """(SplitModel, optimizer, initial TrainState), born sharded over the mesh when given."""
+    model = SplitModel.create(cfg, tcfg.seed, mesh)
+    optimizer = make_optimizer(tcfg, model.params)
+    state = init_state(tcfg, cfg, model.params, optimizer, mesh)
+    model.params = None  # the state owns the parameters from here on
     return model, optimizer, state
 
 
@@ -140,7 +137,7 @@ def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
     if tcfg.plot and lead:
         summary["plot"] = plot_losses(tcfg.run_dir)
     if tcfg.sample_tokens:
-        summary["sample"] = generate_text(model.module(state.params), tokenizer,
+        summary["sample"] = generate_text(model.merge(state.params), tokenizer,
                                           tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed,
                                           mesh=mesh)
     return summary

@@ -20,8 +20,9 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
 
-from jaxlm.model import CausalLM, Config
-from jaxlm.model import sharding
+from jaxlm.model import Config
+from jaxlm.model import build, sharding
+from jaxlm.model.build import SplitModel
 
 from .config import TrainConfig
 
@@ -37,33 +38,6 @@ class TrainState(struct.PyTreeNode):
     rng: jax.Array           # uint32[2] raw PRNG key, split once per step
     loss_scale: jax.Array    # float32 scalar; 1 when loss scaling is off
     good_steps: jax.Array    # int32: finite steps since the scale last changed
-
-
-class Model:
-    """A CausalLM split once into its static graph and a parameter dict; `module(params)`
-    rebuilds the module from any parameter dict of that shape inside traced functions."""
-
-    def __init__(self, lm: CausalLM):
-        self.cfg = lm.cfg
-        self.graphdef, state, self.rest = nnx.split(lm, nnx.Param, ...)
-        self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
-        self.init_params = state.to_pure_dict()
-
-    @classmethod
-    def create(cls, cfg: Config, seed: int, mesh: Mesh | None = None) -> "Model":
-        """A freshly initialised model. The initialisation runs as one jitted program (one
-        compile per parameter layout, which a persistent compilation cache keeps across
-        runs) rather than op by op; with a mesh, every variable is born in its shards."""
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
-        # Compute dtype, remat and kernel choice never change the parameters.
-        init = sharding.initializer(
-            cfg.replace(dtype="float32", remat="none", attention_impl="xla"), mesh)
-        return cls(nnx.merge(graphdef, init(jnp.asarray(seed, jnp.int32))))
-
-    def module(self, params) -> CausalLM:
-        state = jax.tree.map(lambda x: x, self._template)
-        nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state, self.rest)
 
 
 def count_params(params, exclude_embeddings: bool = False) -> int:
@@ -134,18 +108,13 @@ def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer,
 def state_shardings(tcfg: TrainConfig, cfg: Config, optimizer, mesh: Mesh) -> TrainState:
     """Where every TrainState array lives: parameters by the logical-axis rules, the
     optimizer's parameter-shaped state like its parameter, everything else replicated."""
-    params = sharding.param_shardings(cfg, mesh)
+    params = build.param_shardings(cfg, mesh)
     rep = sharding.replicated(mesh)
     opt = optax.tree_map_params(optimizer, lambda _, s: s,
-                                jax.eval_shape(optimizer.init, _abstract_params(cfg)), params,
+                                jax.eval_shape(optimizer.init, build.abstract_params(cfg)), params,
                                 transform_non_params=lambda _: rep)
     return TrainState(step=rep, params=params, opt_state=opt, rng=rep, loss_scale=rep,
                       good_steps=rep)
-
-
-def _abstract_params(cfg: Config):
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-    return nnx.state(abstract, nnx.Param).to_pure_dict()
 
 
 # Loss --------------------------------------------------------------------------------
@@ -166,10 +135,10 @@ def aux_loss(aux: dict, tcfg: TrainConfig):
     return total
 
 
-def micro_loss(model: Model, tcfg: TrainConfig, params, mb, n_tokens, n_micro):
+def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_micro):
     """This micro-batch's share of the step loss: token sums are divided by the step's
     total token count, so summing micro-batches equals one big batch exactly."""
-    lm = model.module(params)
+    lm = model.merge(params)
     logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
     mask = mb["loss_mask"].astype(jnp.float32)
     ce, lse = token_losses(logits, mb["targets"])
@@ -182,7 +151,7 @@ def micro_loss(model: Model, tcfg: TrainConfig, params, mb, n_tokens, n_micro):
     return loss, parts
 
 
-def loss_and_grads(model: Model, tcfg: TrainConfig, params, batch, scale=1.0):
+def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0):
     """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale."""
     n_micro = batch["inputs"].shape[0]
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
@@ -206,7 +175,7 @@ def loss_and_grads(model: Model, tcfg: TrainConfig, params, batch, scale=1.0):
     return loss, grads, parts
 
 
-def make_train_step(model: Model, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None):
+def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None):
     """The jitted pure function (state, batch) -> (state, metrics); the state is donated.
 
     With a mesh: jax.jit with the state's shardings as outputs (inputs come sharded), the
@@ -254,10 +223,10 @@ def _on_mesh(jitted, mesh: Mesh, batch_dim: int):
     return run
 
 
-def make_eval_step(model: Model, mesh: Mesh | None = None):
+def make_eval_step(model: SplitModel, mesh: Mesh | None = None):
     """Jitted (params, batch [b,t]) -> (cross-entropy sum, token count)."""
     def evaluate(params, batch):
-        lm = model.module(params)
+        lm = model.merge(params)
         logits, _, _ = lm(batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
         mask = batch["loss_mask"].astype(jnp.float32)

@@ -9,7 +9,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jaxlm.model import CausalLM, Config  # noqa: E402
-from jaxlm.model.sharding import create_sharded, logical_to_spec, make_mesh  # noqa: E402
+from jaxlm.model.build import create  # noqa: E402
+from jaxlm.model.sharding import logical_to_spec, make_mesh  # noqa: E402
 
 cfg = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
              init_std=0.2)
@@ -19,7 +20,7 @@ forward = nnx.jit(lambda m, t: m(t).logits)
 report = {}
 for spec in ["data=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"]:
     mesh = make_mesh(spec)
-    lm = create_sharded(cfg, mesh)
+    lm = create(cfg, 0, mesh)
     wrong = []
     for path, var in jax.tree_util.tree_leaves_with_path(
             nnx.state(lm, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable)):

@@ -20,7 +20,8 @@ from jaxlm.infer.cache import cache_sharding  # noqa: E402
 from jaxlm.model import Config  # noqa: E402
 from jaxlm.model.sharding import logical_to_spec, make_mesh  # noqa: E402
 from jaxlm.train.config import TrainConfig  # noqa: E402
-from jaxlm.train.step import Model, init_state, make_optimizer, make_train_step  # noqa: E402
+from jaxlm.model.build import SplitModel, abstract_model  # noqa: E402
+from jaxlm.train.step import init_state, make_optimizer, make_train_step  # noqa: E402
 
 KIND = sys.argv[1]
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
@@ -46,9 +47,9 @@ PROMPTS = [rng.integers(0, 64, n).tolist() for n in (5, 2, 3, 7, 2, 1, 3, 4)]
 
 def train_side(mesh):
     from jaxlm.model import sharding
-    model = Model.create(CFG, 0, mesh)
-    opt = make_optimizer(TCFG, model.init_params)
-    state = init_state(TCFG, CFG, model.init_params, opt, mesh)
+    model = SplitModel.create(CFG, 0, mesh)
+    opt = make_optimizer(TCFG, model.params)
+    state = init_state(TCFG, CFG, model.params, opt, mesh)
     step = make_train_step(model, TCFG, opt, mesh)
     lowered = ""
     if mesh is not None:
@@ -67,7 +68,7 @@ def misplaced(model, state, mesh):
     """Arrays whose sharding differs from what the rules give for their logical names."""
     from flax import nnx
     wrong = []
-    abstract = nnx.state(nnx.eval_shape(lambda: model.module(state.params)), nnx.Param)
+    abstract = nnx.state(abstract_model(CFG), nnx.Param)
     names = {jax.tree_util.keystr(p): v.get_metadata()["out_sharding"] for p, v in
              jax.tree_util.tree_leaves_with_path(
                  abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
@@ -83,7 +84,7 @@ def misplaced(model, state, mesh):
 
 def main():
     _, ref, ref_m, _ = train_side(None)
-    lm = Model.create(CFG, 0).module(ref.params)
+    lm = SplitModel.create(CFG, 0).merge(ref.params)
     want, want_logits = Engine(lm).generate(PROMPTS, max_new_tokens=8, record_logits=True)
     report = {}
     for spec in MESHES:
