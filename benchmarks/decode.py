@@ -113,10 +113,9 @@ def per_token(runs: dict, new_tokens: int, rounds: int) -> dict[str, dict[str, f
 def step_bytes(cfg, batch: int, filled: float) -> float:
     """Bytes one decode step must read: weights (embedding table: the batch's rows only,
     unless it is also the tied LM head) + the filled K/V of every layer."""
-    from jaxlm.model import CausalLM
     from flax import nnx
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0)))
-    state = nnx.state(abstract, nnx.Param)
+    from jaxlm.model import abstract_model
+    state = nnx.state(abstract_model(cfg), nnx.Param)
     total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     emb = state["embed"]["embedding"]
     if not cfg.tie_embeddings:

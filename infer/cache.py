@@ -18,11 +18,11 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from jaxlm.model.cache import HEADS_FIRST, create_cache
 from jaxlm.model.config import Config
-from jaxlm.model.sharding import activation_sharding
+from jaxlm.model.sharding import activation_sharding, replicated
 
 
 # Prompt, prefix and cache lengths round up to a multiple of this, so a new length is
@@ -57,7 +57,7 @@ class DecodeCache:
         layers = tuple(tuple(zeros(buf.shape[1:], buf.dtype) for buf in stacked.buffers)
                        for _ in range(cfg.n_layers))
         lengths = jnp.zeros((batch,), jnp.int32,
-                            device=None if mesh is None else NamedSharding(mesh, P()))
+                            device=None if mesh is None else replicated(mesh))
         return cls(layers=layers, lengths=lengths, slot_axis=axis)
 
     @property

@@ -22,11 +22,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
+from jaxlm.model import sharding
 from jaxlm.model.build import split_layers
 from jaxlm.model.config import Config
-from jaxlm.model.sharding import state_shardings
 from jaxlm.model.transformer import CausalLM
 
 from .cache import DecodeCache, cache_sharding
@@ -57,8 +57,8 @@ def split_model(lm: CausalLM, mesh: Mesh | None = None) -> tuple[LayerGraphs, La
     rules when one is given (tensor-parallel heads/mlp, FSDP embed, experts)."""
     outer_graph, outer_state, layer_graphs, layer_states = split_layers(lm)
     if mesh is not None:
-        outer_state = jax.device_put(outer_state, state_shardings(outer_state, mesh))
-        layer_states = tuple(jax.device_put(st, state_shardings(st, mesh, drop=1))  # no 'layers'
+        outer_state = jax.device_put(outer_state, sharding.state_shardings(outer_state, mesh))
+        layer_states = tuple(jax.device_put(st, sharding.state_shardings(st, mesh, drop=1))  # no 'layers'
                              for st in layer_states)
     return (LayerGraphs(lm.cfg, outer_graph, layer_graphs, mesh),
             LayerWeights(outer_state, layer_states))
@@ -69,7 +69,7 @@ def replicated(graphs: LayerGraphs, tree):
     device of the mesh, so device_get works on each host of a multi-host run."""
     if graphs.mesh is None:
         return tree
-    return jax.lax.with_sharding_constraint(tree, NamedSharding(graphs.mesh, P()))
+    return jax.lax.with_sharding_constraint(tree, sharding.replicated(graphs.mesh))
 
 
 def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCache,

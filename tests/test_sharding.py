@@ -20,11 +20,27 @@ def test_rules_map_logical_names_to_mesh_axes():
     assert logical_to_spec(("layers", "embed", "heads", "head_dim"), (2, 32, 4, 8), mesh) == \
         P(None, "fsdp", "tensor", None)
     assert logical_to_spec(("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
-    # a dim the mesh axis does not divide stays replicated rather than failing
+    # kv heads fewer than tensor ranks (GQA) and a batch of one row replicate: expected
     assert logical_to_spec(("embed", "kv_heads", "head_dim"), (32, 3, 8), mesh) == \
         P("fsdp", None, None)
+    assert logical_to_spec(("batch", "length"), (1, 5), mesh) == P(None, None)
     # an axis is used once per array; batch takes data and fsdp together
     assert logical_to_spec(("batch", "length"), (8, 5), mesh) == P(("data", "fsdp"), None)
+
+
+def test_an_axis_that_does_not_divide_a_dimension_is_an_error():
+    """Silently replicating would hide a misconfigured mesh (memory and compute on
+    every device): the error names the array, the dimension and the axis."""
+    mesh = FakeMesh(data=2, fsdp=2, tensor=4)
+    with pytest.raises(ValueError, match=r"parameter \['mlp'\]: dimension 1 \('mlp', size 6\)"
+                                         r" does not split over mesh axis 'tensor' \(size 4\)"):
+        logical_to_spec(("embed", "mlp"), (32, 6), mesh, what="parameter ['mlp']")
+    with pytest.raises(ValueError, match="'embed', size 3.*'fsdp'"):
+        logical_to_spec(("embed",), (3,), mesh)
+    # the opt-in is explicit: with nothing replicable, kv heads must divide too
+    with pytest.raises(ValueError, match="kv_heads"):
+        logical_to_spec(("kv_heads",), (2,), mesh, replicable=())
+    assert logical_to_spec(("mlp",), (6,), FakeMesh(tensor=1)) == P(None)  # size-1 axis
 
 
 def test_mesh_spec_errors_are_one_clear_line():
