@@ -107,9 +107,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
                     continue
                 raise ValueError(
                     f"{what}: dimension {dim} ({name!r}, size {size}) does not split over "
-                    f"mesh axis {axis!r} (size {mesh.shape[axis]}) "
-                    f"{'after ' + str(axes) + ' ' if axes else ''}; choose mesh sizes "
-                    f"that divide it, or map {name!r} to other axes in the rules")
+                    f"mesh axis {axis!r} (size {mesh.shape[axis]})"
+                    f"{' after ' + str(axes) if axes else ''}; choose mesh sizes that "
+                    f"divide it, or map {name!r} to other axes in the rules")
             axes.append(axis)
         used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
