@@ -60,11 +60,13 @@ def plan(cfg: Config, context: int, dtype: str | None = None) -> list[dict]:
 
 
 def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB"):
         n /= 1000
-    return f"{n} B"
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+    return f"{n / 1000:.3g} TB"
 
 
 def format_table(name: str, cfg: Config, context: int, dtype: str | None = None) -> str:
