@@ -180,3 +180,15 @@ def test_alibi_model_uses_paper_slopes():
     """With ALiBi the model passes the paper's slopes; check against attention directly."""
     slopes = ops.alibi_slopes(4)
     np.testing.assert_allclose(slopes, [2 ** -2, 2 ** -4, 2 ** -6, 2 ** -8], rtol=1e-6)
+
+
+def test_profile_regions_are_named_like_the_model():
+    """jax.named_scope labels the embedding, attention, MLP/MoE, norms and head, so the
+    op names of a profile (the lowered module's locations) read like the model."""
+    cfg = Config(**{**SMALL, "n_layers": 3}, n_experts=4, first_k_dense=1)
+    graph, state = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, nnx.Rngs(0))))
+    text = jax.jit(lambda s, t: nnx.merge(graph, s)(t).logits).lower(
+        state, jnp.ones((1, 4), jnp.int32)).as_text(debug_info=True)
+    for scope in ("embed", "attn_norm", "attention", "mlp_norm", "mlp", "moe", "final_norm",
+                  "lm_head"):
+        assert f"{scope}/" in text, scope
