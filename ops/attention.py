@@ -1,6 +1,8 @@
 """Scaled dot-product attention: the reference implementation and dispatch.
 
-Shapes (see DESIGN.md): q [b,t,h,d], k [b,s,k,d], v [b,s,k,dv], output [b,t,h,dv].
+Shapes: q [b,t,h,d], k [b,s,k,d], v [b,s,k,dv], output [b,t,h,dv], with b batch,
+t query positions, s key/value positions, h query heads, k kv heads, d the query/key
+head dim and dv the value head dim.
 Grouped-query attention groups the h query heads into k groups of g = h/k heads
 that share one K/V head; K and V are never repeated in memory.
 

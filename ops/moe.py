@@ -1,10 +1,11 @@
-"""Mixture of experts: routers, balance losses and three ways to run the experts.
+"""Mixture of experts: routers, balance losses and four ways to run the experts.
 
-Shapes (see DESIGN.md): tokens arrive flattened, x [n,d] (n = b·t). Router weight
-[d,e]; expert weights gate [e,d,f], up [e,d,f], down [e,f,d] (gate is None for a
-non-gated act(x·up)·down expert). A router picks k of the e experts per token and
-returns a `Routing`: weights [n,k] float32, experts [n,k] int32, probs [n,e],
-logits [n,e]. A "token-slot" is one (token, choice) pair; there are n·k of them.
+Shapes: tokens arrive flattened, x [n,d] (n = b·t tokens of model width d); e experts
+of FFN hidden width f. Router weight [d,e]; expert weights gate [e,d,f], up [e,d,f],
+down [e,f,d] (gate is None for a non-gated act(x·up)·down expert). A router picks k
+of the e experts per token and returns a `Routing`: weights [n,k] float32, experts
+[n,k] int32, probs [n,e], logits [n,e]. A "token-slot" is one (token, choice) pair;
+there are n·k of them.
 
 Routers (maths as transformers' Mixtral / Qwen2-MoE / Qwen3-MoE / DeepSeek-V3):
   softmax_topk_router  softmax over e, top-k, optionally renormalised over the k.

@@ -23,9 +23,9 @@ import pytest
 from jax.experimental import pallas as pl
 
 from jaxlm import ops
-from jaxlm.ops.pallas import decode, dispatch, flash
+from jaxlm.ops.pallas import decode, dispatch, flash, tiles
 
-BLOCKS = flash.BlockSizes(16, 16, 16, 16, 16, 16)
+BLOCKS = tiles.BlockSizes(16, 16, 16, 16, 16, 16)
 TOL = {jnp.float32: 5e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
 HAS_GPU = any(d.platform == "gpu" for d in jax.devices())
 # Interpret-mode kernels are big HLO loops; XLA's CPU backend optimisations triple the
@@ -146,22 +146,22 @@ def test_flash_float16_forward():
 
 def test_tile_plan_skips_hidden_tiles():
     pos = jnp.arange(64)[None]
-    plan = functools.partial(flash.tile_plan, pos, pos, jnp.array([64]), block_q=16, block_k=16)
+    plan = functools.partial(tiles.tile_plan, pos, pos, jnp.array([64]), block_q=16, block_k=16)
     kinds = np.asarray(plan(causal=True, window=None))[0]
-    assert (kinds == np.where(np.tri(4, k=-1), flash.FULL, np.eye(4, dtype=int))).all()
-    bounds = np.asarray(flash.tile_bounds(kinds))
+    assert (kinds == np.where(np.tri(4, k=-1), tiles.FULL, np.eye(4, dtype=int))).all()
+    bounds = np.asarray(tiles.tile_bounds(kinds))
     assert bounds[:, 0].tolist() == [0] * 4 and bounds[:, 1].tolist() == [1, 2, 3, 4]
     visited = int((bounds[:, 1] - bounds[:, 0]).sum())
     assert visited == 10  # of 16: the upper triangle is never iterated
 
     kinds = np.asarray(plan(causal=True, window=16))[0]  # band: diagonal + one below
-    bounds = np.asarray(flash.tile_bounds(kinds))
+    bounds = np.asarray(tiles.tile_bounds(kinds))
     assert bounds.tolist() == [[0, 1], [0, 2], [1, 3], [2, 4]]
-    assert (kinds[np.tril_indices(4, -2)] == flash.SKIP).all()
+    assert (kinds[np.tril_indices(4, -2)] == tiles.SKIP).all()
 
-    short = flash.tile_plan(pos, pos, jnp.array([20]), causal=False, window=None,
+    short = tiles.tile_plan(pos, pos, jnp.array([20]), causal=False, window=None,
                             block_q=16, block_k=16)
-    assert np.asarray(flash.tile_bounds(short))[0].tolist() == [[0, 2]] * 4  # past length
+    assert np.asarray(tiles.tile_bounds(short))[0].tolist() == [[0, 2]] * 4  # past length
 
 
 SKIP_CASES = {

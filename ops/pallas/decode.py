@@ -5,7 +5,7 @@ the cache is cut into `num_splits` chunks processed in parallel, each producing 
 (normalised output, logsumexp); the partials are combined by logsumexp weights. All g query
 heads (× t queries) sharing a kv head form the rows of one tile, so each K/V tile is read
 once per kv head. Each program walks only its chunk's tiles that are visible and below the
-row's kv length (`flash.tile_plan`), so empty cache slots are never read.
+row's kv length (`tiles.tile_plan`), so empty cache slots are never read.
 
 Gradients (rarely wanted at decode, but free): the residuals match flash's, so the flash
 backward kernels are reused.
@@ -20,11 +20,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import flash
+from .kernels import AttentionSpec, MaskInputs, fwd_kernel, run
+from .tiles import next_pow2, pad_to, tile_bounds, tile_plan
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeConfig:
-    base: flash.Config   # masks, scale, backend; base.blocks drive the backward
+class DecodeSpec:
+    """The static description of one decode call: the attention spec plus the split-K
+    layout."""
+    base: AttentionSpec  # masks, scale, backend; base.blocks drive the backward
     block_k: int
     num_splits: int
     rows: int            # t·g padded to a power of two ≥ 16 (Triton dot minimum)
@@ -47,52 +51,54 @@ def _default_splits(backend: str, b: int, kh: int, nk: int) -> int:
     return max(1, min(nk, -(-264 // (b * kh))))  # ~2 programs per H100 SM
 
 
-def _forward(dcfg: DecodeConfig, q, k, v, aux: flash.Aux):
+def _forward(dspec: DecodeSpec, q, k, v, masking: MaskInputs):
     """Unpadded inputs → (o [b,t,h,dv], lse [b,h,t])."""
-    cfg = dcfg.base
+    spec = dspec.base
     b, t, h, d = q.shape
-    s, kh, dv, g = k.shape[1], k.shape[2], v.shape[-1], cfg.groups
-    bk, rows, r = dcfg.block_k, t * g, dcfg.rows
+    s, kh, dv, g = k.shape[1], k.shape[2], v.shape[-1], spec.groups
+    bk, rows, r = dspec.block_k, t * g, dspec.rows
     sp = -(-s // bk) * bk
-    k, v = flash._pad(k, 1, sp), flash._pad(v, 1, sp)
-    kpos = flash._pad(aux.kpos, 1, sp, "edge")
-    kseg = flash._pad(aux.kseg, 1, sp, "edge")
+    k, v = pad_to(k, 1, sp), pad_to(v, 1, sp)
+    kpos = pad_to(masking.kpos, 1, sp, "edge")
+    kseg = pad_to(masking.kseg, 1, sp, "edge")
     # Rows ordered (query, head-in-group): q [b,t,k,g,d] → [b,k,t·g,d] (q is small).
     q_rows = q.reshape(b, t, kh, g, d).transpose(0, 2, 1, 3, 4).reshape(b, kh, rows, d)
-    per_row = lambda x: flash._pad(jnp.repeat(x, g, axis=1), 1, r, "edge")
-    kinds = flash.tile_plan(aux.qpos, kpos, aux.kv_len, aux.qseg, kseg, causal=cfg.causal,
-                            window=cfg.window, block_q=t, block_k=bk)
+    per_row = lambda x: pad_to(jnp.repeat(x, g, axis=1), 1, r, "edge")
+    kinds = tile_plan(masking.qpos, kpos, masking.kv_len, masking.qseg, kseg,
+                      causal=spec.causal, window=spec.window, block_q=t, block_k=bk)
     nk = sp // bk
-    tiles_per_split = -(-nk // dcfg.num_splits)
+    tiles_per_split = -(-nk // dspec.num_splits)
     splits = -(-nk // tiles_per_split)
 
     inputs = [
-        ("q", flash._pad(q_rows, 2, r), pl.BlockSpec((None, None, r, d),
-                                                     lambda j, b_, k_: (b_, k_, 0, 0))),
+        ("q", pad_to(q_rows, 2, r), pl.BlockSpec((None, None, r, d),
+                                                 lambda j, b_, k_: (b_, k_, 0, 0))),
         ("k", k, pl.BlockSpec((None, sp, None, d), lambda j, b_, k_: (b_, 0, k_, 0))),
         ("v", v, pl.BlockSpec((None, sp, None, dv), lambda j, b_, k_: (b_, 0, k_, 0))),
-        ("qpos", per_row(aux.qpos), pl.BlockSpec((None, r), lambda j, b_, k_: (b_, 0))),
+        ("qpos", per_row(masking.qpos), pl.BlockSpec((None, r), lambda j, b_, k_: (b_, 0))),
         ("kpos", kpos, pl.BlockSpec((None, sp), lambda j, b_, k_: (b_, 0)))]
-    if cfg.segments:
-        inputs += [("qseg", per_row(aux.qseg), pl.BlockSpec((None, r), lambda j, b_, k_: (b_, 0))),
+    if spec.segments:
+        inputs += [("qseg", per_row(masking.qseg),
+                    pl.BlockSpec((None, r), lambda j, b_, k_: (b_, 0))),
                    ("kseg", kseg, pl.BlockSpec((None, sp), lambda j, b_, k_: (b_, 0)))]
-    if cfg.alibi:  # slope of each row's head: [k, t·g]
-        slopes = jnp.tile(aux.slopes.reshape(kh, g), (1, t))
-        inputs += [("slope", flash._pad(slopes, 1, r), pl.BlockSpec((None, r), lambda j, b_, k_: (k_, 0)))]
+    if spec.alibi:  # slope of each row's head: [k, t·g]
+        slopes = jnp.tile(masking.slopes.reshape(kh, g), (1, t))
+        inputs += [("slope", pad_to(slopes, 1, r),
+                    pl.BlockSpec((None, r), lambda j, b_, k_: (k_, 0)))]
     inputs += [
         ("kinds", kinds, pl.BlockSpec((None, None, nk), lambda j, b_, k_: (b_, 0, 0))),
-        ("bounds", flash.tile_bounds(kinds), pl.BlockSpec((None, None, 2),
-                                                          lambda j, b_, k_: (b_, 0, 0))),
-        ("len", aux.kv_len, pl.BlockSpec((1,), lambda j, b_, k_: (b_,)))]
+        ("bounds", tile_bounds(kinds), pl.BlockSpec((None, None, 2),
+                                                    lambda j, b_, k_: (b_, 0, 0))),
+        ("len", masking.kv_len, pl.BlockSpec((1,), lambda j, b_, k_: (b_,)))]
     outputs = [
         ("o", jax.ShapeDtypeStruct((b, kh, splits, r, dv), jnp.float32),
          pl.BlockSpec((None, None, None, r, dv), lambda j, b_, k_: (b_, k_, j, 0, 0))),
         ("lse", jax.ShapeDtypeStruct((b, kh, splits, r), jnp.float32),
          pl.BlockSpec((None, None, None, r), lambda j, b_, k_: (b_, k_, j, 0)))]
-    kernel = functools.partial(flash.fwd_kernel, cfg, block_k=bk,
+    kernel = functools.partial(fwd_kernel, spec, block_k=bk,
                                tiles_per_split=tiles_per_split, empty_lse=-jnp.inf)
-    o_parts, lse_parts = flash.run(kernel, cfg, grid=(splits, b, kh), inputs=inputs,
-                                   outputs=outputs, name="flash_decode")
+    o_parts, lse_parts = run(kernel, spec, grid=(splits, b, kh), inputs=inputs,
+                             outputs=outputs, name="flash_decode")
     o, lse = combine(o_parts, lse_parts)                  # [b,k,r,dv], [b,k,r]
     o = o[:, :, :rows].reshape(b, kh, t, g, dv).transpose(0, 2, 1, 3, 4).reshape(b, t, h, dv)
     lse = lse[:, :, :rows].reshape(b, kh, t, g).transpose(0, 1, 3, 2).reshape(b, h, t)
@@ -112,17 +118,17 @@ def combine(o_parts, lse_parts):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _decode(dcfg: DecodeConfig, q, k, v, aux):
-    return _decode_fwd(dcfg, q, k, v, aux)[0]
+def _decode(dspec: DecodeSpec, q, k, v, masking):
+    return _decode_fwd(dspec, q, k, v, masking)[0]
 
 
-def _decode_fwd(dcfg, q, k, v, aux):
-    o, lse = _forward(dcfg, q, k, v, aux)
-    return o, (q, k, v, aux, o, lse)
+def _decode_fwd(dspec, q, k, v, masking):
+    o, lse = _forward(dspec, q, k, v, masking)
+    return o, (q, k, v, masking, o, lse)
 
 
-def _decode_bwd(dcfg, res, do):
-    return flash.backward(dcfg.base, res, do)
+def _decode_bwd(dspec, res, do):
+    return flash.backward(dspec.base, res, do)
 
 
 _decode.defvjp(_decode_fwd, _decode_bwd)
@@ -139,19 +145,20 @@ def decode_attention(q, k, v, *, causal=False, sliding_window=None, q_positions=
         raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
     b, t, h, d = q.shape
     s, kh = k.shape[1], k.shape[2]
-    cfg = flash.make_config(q, k, v, causal=causal, sliding_window=sliding_window,
-                            scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
-                            segments=q_segment_ids is not None, block_sizes=None,
-                            backend=backend)
-    aux = flash.make_aux(q, k, q_positions=q_positions, kv_positions=kv_positions,
-                         q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-                         kv_lengths=kv_lengths, alibi_slopes=alibi_slopes)
+    spec = flash.make_spec(q, k, v, causal=causal, sliding_window=sliding_window,
+                           scale=scale, softcap=softcap, alibi_slopes=alibi_slopes,
+                           segments=q_segment_ids is not None, block_sizes=None,
+                           backend=backend)
+    masking = flash.make_mask_inputs(
+        q, k, q_positions=q_positions, kv_positions=kv_positions,
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, kv_lengths=kv_lengths,
+        alibi_slopes=alibi_slopes)
     want = block_k or (128 if d <= 128 else 64)
-    bk = _pick_block_k(s, want) or min(want, max(16, flash._next_pow2(s)))
+    bk = _pick_block_k(s, want) or min(want, max(16, next_pow2(s)))
     nk = -(-s // bk)
     splits = num_splits or _default_splits(backend, b, kh, nk)
-    rows = max(16, flash._next_pow2(t * (h // kh)))
-    dcfg = DecodeConfig(base=cfg, block_k=bk, num_splits=max(1, min(splits, nk)), rows=rows)
+    rows = max(16, next_pow2(t * (h // kh)))
+    dspec = DecodeSpec(base=spec, block_k=bk, num_splits=max(1, min(splits, nk)), rows=rows)
     dv = v.shape[-1]
     q, k, v = flash.pad_head_dims(backend, q, k, v)
-    return _decode(dcfg, q, k, v, aux)[..., :dv]
+    return _decode(dspec, q, k, v, masking)[..., :dv]

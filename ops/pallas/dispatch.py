@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import decode, flash
+from .tiles import BlockSizes
 
 DECODE_MAX_QUERIES = 16   # t at or below this, against a cache ≥ 4·t long, uses decode
 
@@ -35,7 +36,7 @@ def use_decode(t: int, s: int) -> bool:
 def attention(q, k, v, *, causal=False, sliding_window=None, q_positions=None,
               kv_positions=None, q_segment_ids=None, kv_segment_ids=None, kv_lengths=None,
               scale=None, softcap=None, alibi_slopes=None, backend: str | None = None,
-              block_sizes: flash.BlockSizes | None = None):
+              block_sizes: BlockSizes | None = None):
     """Same arguments and semantics as ops.attention; positions may be None (defaults)."""
     h, t, s = q.shape[2], q.shape[1], k.shape[1]
     if (q_segment_ids is None) != (kv_segment_ids is None):
