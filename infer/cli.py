@@ -112,7 +112,7 @@ def load(args, mesh=None):
                                        mesh=mesh)
         print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)
         return lm, tokenizer, []
-    from jaxlm.model.hf import from_hf
+    from jaxlm.model.io import from_hf
     lm = from_hf(args.hf, dtype=args.dtype, mesh=mesh)
     tok_path = os.path.join(args.hf, "tokenizer.json")
     tokenizer = HFTokenizer(tok_path) if os.path.isfile(tok_path) else None

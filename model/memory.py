@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
             name, cfg = args.preset, PRESETS[args.preset]
         else:
-            from .hf import config_from_hf
+            from .io import config_from_hf
             try:
                 with open(args.hf_config) as f:
                     hf = json.load(f)

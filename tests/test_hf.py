@@ -42,7 +42,20 @@ FAMILIES = {
     "gpt2": (GPT2Config, GPT2LMHeadModel,
              dict(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_inner=96, n_positions=32,
                   initializer_range=0.25)),
+    # Per-layer sliding windows (4 < the 14 tokens): Qwen2 by its default rule (layers >=
+    # max_window_layers slide), Qwen3 by an explicit layer_types that no rule gives.
+    "qwen2_sliding": (Qwen2Config, Qwen2ForCausalLM,
+                      dict(SIZES, num_hidden_layers=4, use_sliding_window=True,
+                           sliding_window=4, max_window_layers=2)),
+    "qwen3_sliding": (Qwen3Config, Qwen3ForCausalLM,
+                      dict(SIZES, num_hidden_layers=3, use_sliding_window=True, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention",
+                                        "full_attention"])),
 }
+# The scan groups each import must make, as (window, layers); one full-attention group
+# for the families not listed.
+WINDOW_GROUPS = {"mistral": [(4, 2)], "qwen2_sliding": [(None, 2), (4, 2)],
+                 "qwen3_sliding": [(4, 1), (None, 2)]}
 
 
 def hf_model(family):
@@ -81,6 +94,8 @@ def ckpt(request, tmp_path_factory):
 
 def test_logits_match_transformers(ckpt):
     family, _, _, ref, lm = ckpt
+    groups = [(kind.window, n) for kind, n in lm.cfg.layer_groups()]
+    assert groups == WINDOW_GROUPS.get(family, [(None, lm.cfg.n_layers)])
     assert np.abs(ref).max() > 1.0  # the comparison is not between near-zero logits
     assert max_diff(jax_logits(lm), ref) <= ATOL, family
 
@@ -92,6 +107,8 @@ def test_export_loads_in_transformers_unchanged(ckpt, tmp_path):
                                                       attn_implementation="eager")
     assert type(back) is type(model)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    for key in ("layer_types", "sliding_window"):
+        assert getattr(back.config, key, None) == getattr(model.config, key, None), key
     assert max_diff(hf_logits(back.eval()), ref) <= ATOL, family
     # the very tensors transformers saved, bit for bit, under the same names
     original = safetensors.numpy.load_file(os.path.join(path, "model.safetensors"))
@@ -154,8 +171,9 @@ def test_preset_configs_round_trip(name):
 
 @pytest.mark.parametrize("hf, match", [
     (dict(model_type="bert", architectures=["BertForMaskedLM"]), "llama.*gpt2"),
-    (dict(model_type="qwen2", **SIZES, use_sliding_window=True, max_window_layers=0,
-          sliding_window=8), "use_sliding_window"),
+    (dict(model_type="qwen2", **SIZES, layer_types=["sliding_attention", "full_attention"]),
+     "use_sliding_window"),  # a sliding layer without a window: transformers fails too
+    (dict(model_type="qwen3", **SIZES, layer_types=["full_attention"]), "layer_types"),
     (dict(model_type="llama", **SIZES, rope_parameters={"rope_type": "longrope"}), "longrope"),
     (dict(model_type="llama", **SIZES, hidden_act="tanh"), "tanh"),
     (dict(model_type="gpt2", scale_attn_by_inverse_layer_idx=True), "inverse_layer_idx"),
@@ -172,11 +190,53 @@ def test_unsupported_hf_configs_raise(hf, match):
     (Config(attention="mla"), "sigmoid"),               # MLA exists in HF only as DeepSeek-V3
     (Config(n_experts=4, first_k_dense=1), "first_k_dense"),  # Mixtral has no dense layers
     (Config(sliding_window=8, qkv_bias=True, out_bias=True), "biases"),
+    # per-layer windows exist only in Qwen2/Qwen3(-MoE): Qwen2 needs its q/k/v bias
+    (Config(sliding_window=8, sliding_layers=(1,)), "qwen2.*qkv_bias must be True"),
+    (Config(sliding_window=8, sliding_layers=(1,), n_experts=4), "mixtral.*sliding_layers"),
+    (Config(sliding_window=8, sliding_layers=(0,), n_experts=4, qk_norm=True), "qwen3_moe"),
     (preset("gpt2", n_kv_heads=4), "n_kv_heads"),
 ])
 def test_configs_without_hf_family_raise(cfg, match):
     with pytest.raises(ValueError, match=f"no Hugging Face equivalent.*{match}"):
         hf_config_from(cfg)
+
+
+LAYER_TYPE_CASES = [dict(use_sliding_window=u, sliding_window=w, max_window_layers=m)
+                    for u, w, m in ((True, 4, 2), (True, 4, 0), (True, 4, 5), (True, 4, 28),
+                                    (False, 4, 2), (True, None, 2))]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "qwen2_moe"])
+@pytest.mark.parametrize("case", range(len(LAYER_TYPE_CASES)))
+def test_default_layer_types_match_transformers(family, case):
+    """Without layer_types, which layers slide follows each config class's own rule (they
+    differ: Qwen2-MoE slides even layers *below* max_window_layers); the export writes
+    layer_types explicitly and reads back to the same Config."""
+    keys = dict(SIZES, num_hidden_layers=5, **LAYER_TYPE_CASES[case])
+    if family == "qwen2_moe":
+        keys.update(moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                    num_experts_per_tok=2)
+    hf = transformers.AutoConfig.for_model(family, **keys)
+    want = [hf.sliding_window if t == "sliding_attention" else None for t in hf.layer_types]
+    if "sliding_attention" in hf.layer_types and not hf.sliding_window:  # 0 or None
+        with pytest.raises(ValueError, match="use_sliding_window"):
+            config_from_hf(dict(model_type=family, **keys))
+        return
+    cfg = config_from_hf(dict(model_type=family, **keys))  # no layer_types: the rule applies
+    assert [cfg.layer_window(i) for i in range(5)] == want
+    assert config_from_hf(hf_config_from(cfg)) == cfg
+    assert config_from_hf(hf) == cfg  # transformers' own to_dict, layer_types included
+
+
+def test_partial_windows_export_as_qwen2_and_round_trip():
+    cfg = Config(sliding_window=8, sliding_layers=(0, 2), qkv_bias=True, n_kv_heads=2)
+    hf = hf_config_from(cfg)
+    assert hf["model_type"] == "qwen2" and hf["use_sliding_window"]
+    assert hf["layer_types"] == ["sliding_attention", "full_attention"] * 2
+    transformers.AutoConfig.for_model(**hf)
+    assert config_from_hf(hf) == cfg
+    everywhere = cfg.replace(sliding_layers=(0, 1, 2, 3))  # every layer: a plain window
+    assert config_from_hf(hf_config_from(everywhere)) == everywhere.replace(sliding_layers=None)
 
 
 # Checkpoint files ------------------------------------------------------------------------
@@ -287,3 +347,28 @@ def test_bfloat16_checkpoint_loads(llama, tmp_path):
     assert lm.embed.embedding[...].dtype.name == "bfloat16"
     lm32 = from_hf(str(tmp_path), dtype="float32", param_dtype="float32")
     assert max_diff(jax_logits(lm32), hf_logits(rounded)) <= ATOL
+    # written back as bfloat16 (from the bf16 model, and from float32 on request): the
+    # very bits transformers saved, and transformers loads it as bfloat16
+    original = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
+    for model, dtype in ((lm, None), (lm32, "bfloat16")):
+        out = tmp_path / f"out_{dtype}"
+        to_hf(model, str(out), dtype=dtype)
+        exported = safetensors.numpy.load_file(str(out / "model.safetensors"))
+        assert sorted(exported) == sorted(original)
+        for name, value in original.items():
+            assert exported[name].dtype == value.dtype
+            np.testing.assert_array_equal(exported[name].view(np.uint16), value.view(np.uint16))
+    assert AutoModelForCausalLM.from_pretrained(str(out)).dtype == torch.bfloat16
+
+
+def test_unreadable_dtype_is_reported_with_the_rest(llama, tmp_path):
+    """FP8 has no numpy dtype: named in the one error, beside the other problems."""
+    import safetensors.torch
+    tensors = safetensors.torch.load_file(os.path.join(llama[1], "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    del tensors["model.norm.weight"]
+    safetensors.torch.save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(os.path.join(llama[1], "config.json"), tmp_path / "config.json")
+    with pytest.raises(ValueError, match=f"missing.*model.norm.weight(.|\n)*dtype.*{name}: F8"):
+        from_hf(str(tmp_path))

@@ -1,0 +1,11 @@
+"""How models travel: Hugging Face checkpoint directories in and out.
+
+  hf_config     config.json ⇄ Config (hf_layers: per-layer patterns, hf_rope: RoPE)
+  hf_rules      where each HF tensor goes in a CausalLM, for every family
+  tensor_files  safetensors reading (headers first, data per tensor) and writing
+  hf            from_hf / to_hf, which put those together
+"""
+from .hf import from_hf, to_hf
+from .hf_config import config_from_hf, hf_config_from
+
+__all__ = ["config_from_hf", "from_hf", "hf_config_from", "to_hf"]
