@@ -2,8 +2,10 @@
 
     RUN/run.json                 {"model": Config fields, "tokenizer": "byte" | "tokenizer.json", ...}
     RUN/tokenizer.json           when the run trained a BPE
-    RUN/checkpoints/<step>/      orbax: item "params" (model parameters) plus the
-                                 trainer's own items (optimizer, data position, ...)
+    RUN/checkpoints/<step>/      orbax: item "params" (model parameters), item
+                                 "non_params" (the other variables: router biases; only
+                                 for models that have them) plus the trainer's own
+                                 items (optimizer, data position, ...)
 
 Reading never executes code: run.json is JSON and orbax stores arrays, no pickle.
 """
@@ -18,11 +20,12 @@ from flax import nnx
 
 from .build import SplitModel, abstract_model, initial_non_params, param_shardings
 from .config import Config
+from .sharding import state_shardings
 from .tokenizer import load_tokenizer
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
-PARAMS_ITEM = "params"
+PARAMS_ITEM, NON_PARAMS_ITEM = "params", "non_params"
 
 
 def write_run_file(run_dir: str, cfg: Config, tokenizer_spec: str, **extra) -> None:
@@ -58,12 +61,13 @@ def params_of(lm: nnx.Module):
 
 def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, mesh=None):
     """(CausalLM, tokenizer, step) from a trainer run directory; latest step by default.
-    With a mesh, orbax restores every parameter directly into its shards."""
+    With a mesh, orbax restores every variable directly into its shards. A run saved
+    before router biases were checkpointed gets their initial values."""
     meta = read_run_file(run_dir)
     cfg = Config.from_dict(meta["model"])
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
-    mngr = checkpoint_manager(run_dir, read_only=True)
+    mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM, NON_PARAMS_ITEM))
     steps = mngr.all_steps()
     if not steps:
         raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
@@ -72,12 +76,29 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     elif step not in steps:
         raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
     split = SplitModel(abstract_model(cfg))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), split.params)
-    if mesh is not None:
-        target = jax.tree.map(lambda x, s: x.update(sharding=s), target,
-                              param_shardings(cfg, mesh))
+    sharded = mesh is not None
+    targets = {PARAMS_ITEM: _target(split.params, param_shardings(cfg, mesh) if sharded else None)}
+    if split.rest and _has_item(run_dir, step, NON_PARAMS_ITEM):
+        where = state_shardings(split.rest, mesh).to_pure_dict() if sharded else None
+        targets[NON_PARAMS_ITEM] = _target(split.rest.to_pure_dict(), where)
     restored = mngr.restore(step, args=ocp.args.Composite(
-        **{PARAMS_ITEM: ocp.args.StandardRestore(target)}))[PARAMS_ITEM]
+        **{k: ocp.args.StandardRestore(v) for k, v in targets.items()}))
     mngr.close()
-    rest = initial_non_params(cfg) if split.rest else split.rest
-    return split.merge(restored, rest), load_tokenizer(meta["tokenizer"], base_dir=run_dir), step
+    if NON_PARAMS_ITEM in targets:
+        rest = restored[NON_PARAMS_ITEM]
+    else:
+        rest = initial_non_params(cfg) if split.rest else split.rest
+    return (split.merge(restored[PARAMS_ITEM], rest),
+            load_tokenizer(meta["tokenizer"], base_dir=run_dir), step)
+
+
+def _target(tree, shardings=None):
+    """What orbax restores into: shapes and dtypes, and the shards when given."""
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+    if shardings is None:
+        return target
+    return jax.tree.map(lambda x, s: x.update(sharding=s), target, shardings)
+
+
+def _has_item(run_dir: str, step: int, item: str) -> bool:
+    return os.path.isdir(os.path.join(run_dir, CHECKPOINTS, str(step), item))

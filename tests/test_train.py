@@ -52,12 +52,10 @@ def test_step_is_pure_and_loss_falls():
     # Same state and batch in, same bits out: nothing hidden outside the state.
     _, _, _, s1 = _setup()
     _, _, _, s2 = _setup()
-    rng0 = np.asarray(s1.rng).copy()
     a, ma = step(s1, batch)
     b, mb = step(s2, batch)
     chex.assert_trees_all_equal(a.params, b.params)
     chex.assert_trees_all_equal(ma, mb)
-    assert not np.array_equal(a.rng, rng0)  # the key advances with the state
 
 
 def test_grad_accumulation_equals_one_big_batch():
@@ -180,7 +178,6 @@ def test_fp16_dynamic_loss_scale_skips_overflow_and_halves():
     assert int(state.step) == 2
 
 
-@pytest.mark.slow  # tests/test_model.py covers remat gradients; this checks the train path
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_changes_memory_not_gradients(remat):
     other = SplitModel.create(CFG.replace(remat=remat), 0)

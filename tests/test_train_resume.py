@@ -1,5 +1,6 @@
 """The trainer end to end, in subprocesses: a run killed with SIGKILL mid-way and
-resumed ends bitwise equal to an uninterrupted one; artifacts; one-line errors."""
+resumed ends bitwise equal to an uninterrupted one (a DeepSeek-V3-style MoE, so its
+router biases too); artifacts; export; one-line errors."""
 import json
 import os
 import signal
@@ -8,17 +9,28 @@ import sys
 import textwrap
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
 
+from flax import nnx
+
 from jaxlm.model.checkpoint import load_run, params_of
 
+TRAIN = ["--seq_len", "32", "--batch_size", "2", "--grad_accum", "2", "--steps", "12",
+         "--warmup_steps", "2", "--checkpoint_every", "3", "--keep", "2", "--eval_every", "6",
+         "--eval_batches", "1", "--log_every", "1", "--sample_tokens", "0",
+         "--progress", "false", "--plot", "false"]
 ARGS = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "4",
-        "--model.n_kv_heads", "2", "--model.ffn_dim", "64", "--seq_len", "32",
-        "--batch_size", "2", "--grad_accum", "2", "--steps", "12", "--warmup_steps", "2",
-        "--checkpoint_every", "3", "--keep", "2", "--eval_every", "6", "--eval_batches", "1",
-        "--log_every", "1", "--sample_tokens", "0", "--progress", "false", "--plot", "false"]
+        "--model.n_kv_heads", "2", "--model.ffn_dim", "64", *TRAIN]
+# DeepSeek-V3 in miniature: MLA, one dense layer then one MoE layer with 8 experts, a
+# sigmoid router with group-limited selection and a selection bias moved every step.
+MOE_ARGS = ["--preset", "deepseek-v3-small", "--model.d_model", "32", "--model.n_layers", "2",
+            "--model.n_heads", "4", "--model.ffn_dim", "64", "--model.moe_ffn_dim", "16",
+            "--model.q_lora_rank", "16", "--model.kv_lora_rank", "16",
+            "--model.qk_nope_head_dim", "8", "--model.qk_rope_head_dim", "8",
+            "--model.v_head_dim", "8", *TRAIN]
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +74,15 @@ def _params(run):
     return jax.tree.map(np.asarray, params_of(lm)), step
 
 
+def _variables(run):
+    """Every variable load_run gives (parameters and router biases), and the step."""
+    lm, _, step = load_run(run)
+    return jax.tree.map(np.asarray, nnx.state(lm).to_pure_dict()), step
+
+
 def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, corpus):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
-    common = ARGS + ["--corpus", corpus]
+    common = MOE_ARGS + ["--corpus", corpus]
     # The reference run also shows what a user gets: plot, sample, the follow-up command.
     # It runs first and alone, so the two runs after it find its programs compiled.
     ref = _train(common + ["--run_dir", full, "--plot", "true", "--sample_tokens", "8"])
@@ -92,11 +110,15 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     assert resumed.returncode == 0, err[-2000:]
     assert "resuming at step" in out
 
-    (a, sa), (b, sb) = _params(full), _params(killed)  # load_run: what inference reads
+    (a, sa), (b, sb) = _variables(full), _variables(killed)  # load_run: what inference reads
     assert sa == sb == 12
+    chex.assert_trees_all_equal_structs(a, b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert x.dtype == y.dtype and np.array_equal(x, y)
+    bias = b["blocks"][1]["mlp"]["router_bias"]  # [1 MoE layer, 8 experts]
+    assert bias.shape == (1, 8) and np.any(bias != 0)  # it moved, was saved and restored
     assert len(_finished_steps(full)) == 2  # --keep 2
+    _exported_bias_is_the_trained_one(killed, bias, tmp_path / "hf")
 
     # The metrics file of the resumed run reads like the uninterrupted one.
     def losses(run):
@@ -110,6 +132,17 @@ def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and err.strip().count("\n") == 0
     assert "--model.d_model" in err and "d_model=32" in err
+
+
+def _exported_bias_is_the_trained_one(run, bias, out):
+    """to_hf writes the trained bias as DeepSeek-V3's e_score_correction_bias."""
+    from safetensors.numpy import load_file
+
+    from jaxlm.model import to_hf
+    to_hf(load_run(run)[0], str(out))
+    tensors = load_file(str(out / "model.safetensors"))
+    np.testing.assert_array_equal(tensors["model.layers.1.mlp.gate.e_score_correction_bias"],
+                                  bias[0])
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
@@ -140,13 +173,18 @@ def test_bad_input_is_one_line(argv, msg):
 
 
 def test_checkpoints_load_for_inference_including_non_param_state(tmp_path):
-    """What the trainer saves, load_run reads: params bit for bit, and a sigmoid MoE
-    router's selection bias (not a Param, not in the checkpoint) at its initial value."""
+    """What the trainer saves, load_run reads: params and a sigmoid MoE router's selection
+    bias (not a Param: an item of its own) bit for bit; the trainer's restore gives the
+    same. A run saved without that item (before it existed) gets the initial bias."""
+    import shutil
+
+    import jax.numpy as jnp
+
     from jaxlm.model import Config
-    from jaxlm.model.checkpoint import write_run_file
+    from jaxlm.model.build import SplitModel
+    from jaxlm.model.checkpoint import NON_PARAMS_ITEM, write_run_file
     from jaxlm.train.checkpoint import Checkpointer
     from jaxlm.train.config import TrainConfig
-    from jaxlm.model.build import SplitModel
     from jaxlm.train.step import init_state, make_optimizer
     cfg = Config(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                  n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16, router="sigmoid",
@@ -154,16 +192,26 @@ def test_checkpoints_load_for_inference_including_non_param_state(tmp_path):
     model = SplitModel.create(cfg, 0)
     tcfg = TrainConfig()
     opt = make_optimizer(tcfg, model.params)
-    state = init_state(tcfg, cfg, model.params, opt)
+    bias = jnp.asarray([[0.5, -0.25, 0.0, 0.125]] * 2)  # [2 MoE layers, 4 experts]
+    state = init_state(tcfg, cfg, model.params, opt,
+                       rest={"blocks": {0: {"mlp": {"router_bias": bias}}}})
     run = str(tmp_path / "moe")
     write_run_file(run, cfg, "byte", train=tcfg.to_dict())
     ckpt = Checkpointer(run, keep=1)
-    ckpt.save(state, {"next_index": 0})
+    ckpt.save(state, {"next_index": 5})
     ckpt.close()
-    (loaded, step) = _params(run)
+    (params, step), (loaded, _) = _params(run), _variables(run)
     assert step == 0
-    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(state.params)):
-        assert np.array_equal(x, np.asarray(y))
+    chex.assert_trees_all_equal(params, jax.tree.map(np.asarray, state.params))
+    np.testing.assert_array_equal(loaded["blocks"][0]["mlp"]["router_bias"], bias)
+    ckpt = Checkpointer(run, keep=1)
+    back, data = ckpt.restore(init_state(tcfg, cfg, model.params, opt))
+    ckpt.close()
+    chex.assert_trees_all_equal(back, state)
+    assert data == {"next_index": 5}
     lm, _, _ = load_run(run)
-    logits = lm(np.zeros((1, 5), np.int32)).logits
-    assert np.isfinite(np.asarray(logits)).all()
+    assert np.isfinite(np.asarray(lm(np.zeros((1, 5), np.int32)).logits)).all()
+
+    shutil.rmtree(os.path.join(run, "checkpoints", "0", NON_PARAMS_ITEM))
+    old, _ = _variables(run)
+    assert not np.any(old["blocks"][0]["mlp"]["router_bias"])

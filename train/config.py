@@ -33,7 +33,7 @@ class TrainConfig:
     batch_size: int = 16             # sequences per micro-batch
     grad_accum: int = 1              # micro-batches summed into one optimizer step
     steps: int = 200                 # optimizer steps in all (a resumed run counts from 0)
-    seed: int = 0                    # parameters, data order and the step RNG
+    seed: int = 0                    # parameters and data order
     # Optimizer (AdamW, linear warmup then cosine decay) -----------------------------------
     lr: float = 3e-3
     min_lr_ratio: float = 0.1        # the cosine ends at lr × this
@@ -47,6 +47,9 @@ class TrainConfig:
     z_loss: float = 0.0              # weight of mean(logsumexp(logits)²), e.g. 1e-4
     aux_loss_weight: float = 0.01    # weight of every model aux entry named "*_loss" (MoE)
     aux_loss_weights: str = "router_z_loss=0.001"  # per-entry weights, "name_loss=w,..."
+    router_bias_rate: float = 0.001  # sigmoid-router MoE (DeepSeek-V3's γ): after each step
+                                     # every expert's selection bias moves ±this toward
+                                     # equal load (aux-loss-free balancing); 0 = off
     loss_scale: str = "auto"         # "dynamic", "none", or "auto" (dynamic iff float16 compute)
     # Checkpoints, evaluation, output --------------------------------------------------------
     run_dir: str = ""                # default runs/<preset>-<timestamp>
@@ -92,8 +95,9 @@ class TrainConfig:
                 bad("mesh", str(e))
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        for f in ("weight_decay", "clip_norm", "z_loss", "aux_loss_weight", "eps"):
-            if getattr(self, f) < 0:
+        for f in ("weight_decay", "clip_norm", "z_loss", "aux_loss_weight", "eps",
+                  "router_bias_rate"):
+            if not getattr(self, f) >= 0:  # NaN too
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
         if self.loss_scale not in ("auto", "dynamic", "none"):
             bad("loss_scale", f"{self.loss_scale!r} is not one of auto, dynamic, none")

@@ -1,10 +1,11 @@
 """Corpora → tokens → packed fixed-length sequences, through a checkpointable grain iterator.
 
     corpus = load_corpus("stdlib", val_fraction=0.05)        # documents, split by file
-    tok    = make_tokenizer("bpe:1024", corpus.train, run_dir)
-    train, val = tokenize(corpus, tok)                       # TokenStreams
+    tok, spec = make_tokenizer("bpe:1024", corpus.train, run_dir)
+    train, val = token_streams(corpus, tok, seq_len=256, val_fraction=0.05)  # TokenStreams
     it = batches(train, seq_len=256, batch_size=16, accum=1, seed=0)
     batch = next(it); state = it.get_state()                 # {"next_index": n}: JSON
+    held_out = val_batches(val, seq_len=256, batch_size=16, n_batches=4)
 
 Documents are concatenated into one token stream and cut into windows of seq_len + 1
 tokens (inputs = window[:-1], targets = window[1:]). Packing keeps documents apart:

@@ -1,6 +1,6 @@
 """The training run: corpus → tokenizer → model → steps with checkpoints → report.
 
-    summary = train(TrainConfig(steps=100), model_overrides={"d_model": 128})
+    summary = train(TrainConfig(steps=100, run_dir="runs/demo"), preset("tiny", d_model=128))
 
 Testing aid: the environment variable JAXLM_TRAIN_STEP_SLEEP (seconds) makes every step
 sleep that long, so a test can kill a run at a point of its choosing.
@@ -53,10 +53,10 @@ def newest_run(root: str = RUNS) -> str:
     return os.path.dirname(max(runs, key=os.path.getmtime))
 
 
-def evaluate(eval_step, params, val) -> float:
+def evaluate(eval_step, state, val) -> float:
     total, count = 0.0, 0.0
     for batch in val:
-        s, n = eval_step(params, batch)
+        s, n = eval_step(state, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)
 
@@ -89,8 +89,9 @@ def build(tcfg: TrainConfig, cfg: Config, mesh=None):
     """(SplitModel, optimizer, initial TrainState), born sharded over the mesh when given."""
     model = SplitModel.create(cfg, tcfg.seed, mesh)
     optimizer = make_optimizer(tcfg, model.params)
-    state = init_state(tcfg, cfg, model.params, optimizer, mesh)
-    model.params = None  # the state owns the parameters from here on
+    state = init_state(tcfg, cfg, model.params, optimizer, mesh, model.rest.to_pure_dict())
+    # The state owns the variables from here on: the first step donates these arrays.
+    model.params = None
     return model, optimizer, state
 
 
@@ -137,7 +138,7 @@ def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
     if tcfg.plot and lead:
         summary["plot"] = plot_losses(tcfg.run_dir)
     if tcfg.sample_tokens:
-        summary["sample"] = generate_text(model.merge(state.params), tokenizer,
+        summary["sample"] = generate_text(model.merge(state.params, state.rest), tokenizer,
                                           tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed,
                                           mesh=mesh)
     return summary
@@ -169,7 +170,7 @@ def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log
                                    "tokens": step * speed.tokens, "tokens_per_s": tps,
                                    "mfu": mfu, **_extra(m, tcfg), "time": time.time()})
             if val and (step % tcfg.eval_every == 0 or last):
-                val_loss = evaluate(eval_step, state.params, val)
+                val_loss = evaluate(eval_step, state, val)
                 metrics_log.write({"step": step, "val_loss": val_loss,
                                    "val_ppl": math.exp(min(val_loss, 700))})
                 bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
@@ -204,4 +205,5 @@ def _extra(m, tcfg: TrainConfig) -> dict:
         out["loss_scale"] = float(m["loss_scale"])
         out["skipped"] = bool(m["skipped"])
     out.update({k: float(np.mean(v)) for k, v in m.items() if k.startswith("aux/")})
+    out.update({k: float(m[k]) for k in ("load_imbalance", "router_bias_max") if k in m})
     return out

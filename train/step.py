@@ -1,10 +1,15 @@
 """Train state, optimizer and the one jitted step `(state, batch) -> (state, metrics)`.
 
 The state is a plain pytree: fp32 master parameters (a nested dict, the same tree
-`jaxlm.model.checkpoint.params_of` gives), the optax state, the step count, a PRNG
-key, and the dynamic loss scale. The model computes in Config.dtype (bf16/fp16
-casts happen inside its layers), so mixed precision needs nothing here beyond
-keeping param_dtype float32 and, for fp16, scaling the loss.
+`jaxlm.model.checkpoint.params_of` gives), the model's other variables (`rest`: a
+sigmoid router's selection biases), the optax state, the step count and the dynamic
+loss scale. The model computes in Config.dtype (bf16/fp16 casts happen inside its
+layers), so mixed precision needs nothing here beyond keeping param_dtype float32 and,
+for fp16, scaling the loss.
+
+Auxiliary-loss-free balancing (DeepSeek-V3): after each optimizer update every MoE
+layer's router bias moves by ±router_bias_rate toward equal expert load, measured on
+that step's tokens (all micro-batches). The forward pass always reads the state's bias.
 
 A batch holds arrays shaped [accum, b, t]: `inputs`, `targets`, `positions`,
 `segment_ids` and `loss_mask`. Micro-batches are summed with lax.scan, so one call
@@ -23,19 +28,22 @@ from jax.sharding import Mesh
 from jaxlm.model import Config
 from jaxlm.model import build, sharding
 from jaxlm.model.build import SplitModel
+from jaxlm.ops.moe import update_router_bias
 
 from .config import TrainConfig
 
 # Dynamic loss scaling (fp16): start high, halve on overflow, double after a run of
 # finite steps. The same constants as torch.amp.GradScaler.
 INIT_SCALE, GROWTH_INTERVAL = 2.0 ** 15, 2000
+# The model's aux entry holding each MoE layer's expert load [MoE layers, e].
+LOAD = "expert_load_per_layer"
 
 
 class TrainState(struct.PyTreeNode):
     step: jax.Array          # int32 scalar: optimizer updates done
     params: Any              # nested dict of fp32 arrays (params_of layout)
+    rest: Any                # SplitModel.rest as a nested dict: router biases; {} if none
     opt_state: Any           # optax state
-    rng: jax.Array           # uint32[2] raw PRNG key, split once per step
     loss_scale: jax.Array    # float32 scalar; 1 when loss scaling is off
     good_steps: jax.Array    # int32: finite steps since the scale last changed
 
@@ -90,31 +98,59 @@ def uses_loss_scale(tcfg: TrainConfig, cfg: Config) -> bool:
 
 
 def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer,
-               mesh: Mesh | None = None) -> TrainState:
-    """The step-0 state. With a mesh the optimizer state is created in the shards of the
-    parameters it mirrors (Adam's moments), scalars replicated."""
-    def make(params):
+               mesh: Mesh | None = None, rest=None) -> TrainState:
+    """The step-0 state. rest: SplitModel.rest as a pure dict (default: the initial
+    values). With a mesh the optimizer state is created in the shards of the parameters
+    it mirrors (Adam's moments), scalars replicated."""
+    if rest is None:
+        rest = build.initial_non_params(cfg).to_pure_dict()
+
+    def make(params, rest):
         scale = INIT_SCALE if uses_loss_scale(tcfg, cfg) else 1.0
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
                           opt_state=optimizer.init(params),
-                          rng=jax.random.PRNGKey(tcfg.seed + 1),
                           loss_scale=jnp.asarray(scale, jnp.float32),
                           good_steps=jnp.zeros((), jnp.int32))
     if mesh is None:
-        return make(params)
-    return jax.jit(make, out_shardings=state_shardings(tcfg, cfg, optimizer, mesh))(params)
+        return make(params, rest)
+    return jax.jit(make, out_shardings=state_shardings(tcfg, cfg, optimizer, mesh))(params, rest)
+
+
+def rest_shardings(cfg: Config, mesh: Mesh):
+    """NamedShardings of the non-Param variables (router biases: by their logical names,
+    like the parameters), as the pure dict TrainState.rest holds."""
+    abstract = nnx.split(build.abstract_model(cfg), nnx.Param, ...)[2]
+    return sharding.state_shardings(abstract, mesh).to_pure_dict()
 
 
 def state_shardings(tcfg: TrainConfig, cfg: Config, optimizer, mesh: Mesh) -> TrainState:
-    """Where every TrainState array lives: parameters by the logical-axis rules, the
-    optimizer's parameter-shaped state like its parameter, everything else replicated."""
+    """Where every TrainState array lives: parameters and router biases by the
+    logical-axis rules, the optimizer's parameter-shaped state like its parameter,
+    everything else replicated."""
     params = build.param_shardings(cfg, mesh)
     rep = sharding.replicated(mesh)
     opt = optax.tree_map_params(optimizer, lambda _, s: s,
                                 jax.eval_shape(optimizer.init, build.abstract_params(cfg)), params,
                                 transform_non_params=lambda _: rep)
-    return TrainState(step=rep, params=params, opt_state=opt, rng=rep, loss_scale=rep,
-                      good_steps=rep)
+    return TrainState(step=rep, params=params, rest=rest_shardings(cfg, mesh), opt_state=opt,
+                      loss_scale=rep, good_steps=rep)
+
+
+def update_router_biases(cfg: Config, rest, load, rate: float):
+    """rest with each MoE layer's router bias moved by ops.moe.update_router_bias.
+    load [MoE layers, e]: the step's expert load in layer order (the model's aux
+    "expert_load_per_layer"); a scanned group of n MoE layers holds biases [n, e]."""
+    if not rate or load is None or cfg.router != "sigmoid":
+        return rest
+    update = jax.vmap(update_router_bias, in_axes=(0, 0, None))
+    blocks, first = dict(rest["blocks"]), 0
+    for g, (kind, n) in enumerate(cfg.layer_groups()):
+        if kind.moe:
+            mlp = blocks[g]["mlp"]
+            bias = update(mlp["router_bias"], load[first:first + n], rate)
+            blocks[g] = {**blocks[g], "mlp": {**mlp, "router_bias": bias}}
+            first += n
+    return {**rest, "blocks": blocks}
 
 
 # Loss --------------------------------------------------------------------------------
@@ -135,10 +171,12 @@ def aux_loss(aux: dict, tcfg: TrainConfig):
     return total
 
 
-def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_micro):
+def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_micro,
+               rest=None):
     """This micro-batch's share of the step loss: token sums are divided by the step's
-    total token count, so summing micro-batches equals one big batch exactly."""
-    lm = model.merge(params)
+    total token count, so summing micro-batches equals one big batch exactly. Expert
+    loads are divided by the micro-batch count, so the sum is the step's mean load."""
+    lm = model.merge(params, rest)
     logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
     mask = mb["loss_mask"].astype(jnp.float32)
     ce, lse = token_losses(logits, mb["targets"])
@@ -147,18 +185,23 @@ def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_mic
     aux_total = aux_loss(aux, tcfg) / n_micro
     loss = (ce_sum + tcfg.z_loss * z_sum) / n_tokens + aux_total
     parts = {"ce": ce_sum / n_tokens, "z_loss": z_sum / n_tokens, "aux_loss": aux_total}
-    parts.update({f"aux/{k}": jnp.mean(v) / n_micro for k, v in aux.items()})
+    # expert_load is a distribution (its mean is 1/e): reported through load_imbalance
+    parts.update({f"aux/{k}": jnp.mean(v) / n_micro for k, v in aux.items()
+                  if k not in (LOAD, "expert_load")})
+    if LOAD in aux:
+        parts[LOAD] = aux[LOAD] / n_micro
     return loss, parts
 
 
-def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0):
-    """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale."""
+def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0, rest=None):
+    """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale. rest:
+    the non-Param variables to run with (default: the model's split-time values)."""
     n_micro = batch["inputs"].shape[0]
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
 
     def one(mb):
         def f(p):
-            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro)
+            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro, rest)
             return loss * scale, (loss, parts)
         (_, (loss, parts)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, grads, parts
@@ -175,6 +218,19 @@ def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.
     return loss, grads, parts
 
 
+def moe_metrics(load, rest) -> dict:
+    """The step's expert loads [MoE layers, e]; load_imbalance, the busiest expert's load
+    over an even share in the worst layer (1 = balanced); router_bias_max, max |bias|."""
+    out = {}
+    if load is not None:
+        out[LOAD] = load
+        out["load_imbalance"] = jnp.max(load) / jnp.mean(load)  # each row sums to 1
+    if jax.tree.leaves(rest):
+        out["router_bias_max"] = jnp.max(jnp.stack([jnp.max(jnp.abs(b))
+                                                    for b in jax.tree.leaves(rest)]))
+    return out
+
+
 def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None):
     """The jitted pure function (state, batch) -> (state, metrics); the state is donated.
 
@@ -186,26 +242,30 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict]:
         scale = state.loss_scale if dynamic else jnp.float32(1.0)
-        loss, grads, parts = loss_and_grads(model, tcfg, state.params, batch, scale)
+        loss, grads, parts = loss_and_grads(model, tcfg, state.params, batch, scale,
+                                            state.rest)
+        load = parts.pop(LOAD, None)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng, _ = jax.random.split(state.rng)
-        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        rest = update_router_biases(model.cfg, state.rest, load, tcfg.router_bias_rate)
+        new = state.replace(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
         skipped = jnp.zeros((), jnp.bool_)
-        if dynamic:  # overflowed: keep the old parameters, halve the scale
+        if dynamic:  # overflowed: a skipped step changes nothing but the scale
             finite = jnp.isfinite(grad_norm)
             skipped = ~finite
             keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa
             grow = finite & (state.good_steps + 1 >= GROWTH_INTERVAL)
             new = new.replace(
                 params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state),
+                rest=keep(rest, state.rest),
                 loss_scale=jnp.where(finite, jnp.where(grow, scale * 2, scale),
                                      jnp.maximum(scale / 2, 1.0)),
                 good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_at(state.step),
-                   "loss_scale": new.loss_scale, "skipped": skipped, **parts}
+                   "loss_scale": new.loss_scale, "skipped": skipped, **parts,
+                   **moe_metrics(load, new.rest)}
         return new, metrics
 
     if mesh is None:
@@ -224,9 +284,10 @@ def _on_mesh(jitted, mesh: Mesh, batch_dim: int):
 
 
 def make_eval_step(model: SplitModel, mesh: Mesh | None = None):
-    """Jitted (params, batch [b,t]) -> (cross-entropy sum, token count)."""
-    def evaluate(params, batch):
-        lm = model.merge(params)
+    """Jitted (TrainState, batch [b,t]) -> (cross-entropy sum, token count), with the
+    state's parameters and router biases."""
+    def evaluate(state: TrainState, batch):
+        lm = model.merge(state.params, state.rest)
         logits, _, _ = lm(batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
         mask = batch["loss_mask"].astype(jnp.float32)
