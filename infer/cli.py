@@ -103,11 +103,11 @@ def check_args(args) -> None:
 def load(args, mesh=None):
     """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf, parameters
     placed straight into their shards when a mesh is given."""
-    from jaxlm.model.tokenizer import HFTokenizer
+    from jaxlm.model.io.tokenizer import HFTokenizer
     if args.checkpoint:
         import absl.logging  # orbax warns about read-only managers on every restore
         absl.logging.set_verbosity(absl.logging.ERROR)
-        from jaxlm.model.checkpoint import load_run
+        from jaxlm.model.io.runs import load_run
         lm, tokenizer, step = load_run(args.checkpoint, step=args.step, dtype=args.dtype,
                                        mesh=mesh)
         print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)

@@ -270,7 +270,7 @@ def test_greedy_tokens_equal_transformers_generate(family, tmp_path):
 def run_dir(tmp_path_factory):
     """A trainer-style run directory: run.json (byte tokenizer) + an orbax params step."""
     import orbax.checkpoint as ocp
-    from jaxlm.model.checkpoint import (PARAMS_ITEM, checkpoint_manager, params_of,
+    from jaxlm.model.io.runs import (PARAMS_ITEM, checkpoint_manager, params_of,
                                         write_run_file)
     path = str(tmp_path_factory.mktemp("run"))
     cfg = CONFIGS["llama"]

@@ -112,7 +112,7 @@ def test_infer_cli_on_a_mesh_prints_what_one_device_prints(tmp_path):
     from flax import nnx
 
     from jaxlm.model import CausalLM, Config
-    from jaxlm.model.checkpoint import PARAMS_ITEM, checkpoint_manager, params_of, write_run_file
+    from jaxlm.model.io.runs import PARAMS_ITEM, checkpoint_manager, params_of, write_run_file
     cfg = Config(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48,
                  init_std=0.3, max_position=64)
     run = str(tmp_path / "run")

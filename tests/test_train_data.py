@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from jaxlm.model.tokenizer import ByteTokenizer
+from jaxlm.model.io.tokenizer import ByteTokenizer
 from jaxlm.train import data as D
 from jaxlm.train.config import TrainConfig, parse_overrides
 

@@ -16,7 +16,7 @@ import pytest
 
 from flax import nnx
 
-from jaxlm.model.checkpoint import load_run, params_of
+from jaxlm.model.io.runs import load_run, params_of
 
 TRAIN = ["--seq_len", "32", "--batch_size", "2", "--grad_accum", "2", "--steps", "12",
          "--warmup_steps", "2", "--checkpoint_every", "3", "--keep", "2", "--eval_every", "6",
@@ -182,7 +182,7 @@ def test_checkpoints_load_for_inference_including_non_param_state(tmp_path):
 
     from jaxlm.model import Config
     from jaxlm.model.build import SplitModel
-    from jaxlm.model.checkpoint import NON_PARAMS_ITEM, write_run_file
+    from jaxlm.model.io.runs import NON_PARAMS_ITEM, write_run_file
     from jaxlm.train.checkpoint import Checkpointer
     from jaxlm.train.config import TrainConfig
     from jaxlm.train.step import init_state, make_optimizer

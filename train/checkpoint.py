@@ -1,7 +1,7 @@
 """The trainer's checkpoints: orbax, asynchronous, atomic, the newest K kept.
 
 Each step folder RUN/checkpoints/<step>/ holds these items:
-    params      the model parameters     } what `jaxlm.model.checkpoint.load_run`
+    params      the model parameters     } what `jaxlm.model.io.runs.load_run`
     non_params  the router biases, only  }   reads
                 for models that have them
     train       the rest of the TrainState: optax state, step, loss scale
@@ -15,7 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import serialization
 
-from jaxlm.model.checkpoint import NON_PARAMS_ITEM, PARAMS_ITEM, checkpoint_manager
+from jaxlm.model.io.runs import NON_PARAMS_ITEM, PARAMS_ITEM, checkpoint_manager
 
 from .step import TrainState
 

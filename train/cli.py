@@ -6,7 +6,7 @@ import os
 import sys
 
 from jaxlm.model import Config
-from jaxlm.model.checkpoint import read_run_file
+from jaxlm.model.io.runs import read_run_file
 
 from .config import RESUME_MAY_CHANGE, TrainConfig, help_text, model_config, parse_overrides
 from .loop import TrainingDiverged, default_run_dir, newest_run, train

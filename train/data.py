@@ -29,7 +29,7 @@ import zlib
 import grain
 import numpy as np
 
-from jaxlm.model.tokenizer import ByteTokenizer, load_tokenizer
+from jaxlm.model.io.tokenizer import ByteTokenizer, load_tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
 

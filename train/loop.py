@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from jaxlm.model import Config
-from jaxlm.model.checkpoint import write_run_file
+from jaxlm.model.io.runs import write_run_file
 from jaxlm.model.build import SplitModel
 from jaxlm.model.sharding import make_mesh
 

@@ -1,7 +1,7 @@
 """Train state, optimizer and the one jitted step `(state, batch) -> (state, metrics)`.
 
 The state is a plain pytree: fp32 master parameters (a nested dict, the same tree
-`jaxlm.model.checkpoint.params_of` gives), the model's other variables (`rest`: a
+`jaxlm.model.io.runs.params_of` gives), the model's other variables (`rest`: a
 sigmoid router's selection biases), the optax state, the step count and the dynamic
 loss scale. The model computes in Config.dtype (bf16/fp16 casts happen inside its
 layers), so mixed precision needs nothing here beyond keeping param_dtype float32 and,

@@ -4,6 +4,8 @@
   hf_rules      where each HF tensor goes in a CausalLM, for every family
   tensor_files  safetensors reading (headers first, data per tensor) and writing
   hf            from_hf / to_hf, which put those together
+  runs          jaxlm's own training run directories (run.json + orbax checkpoints)
+  tokenizer     byte-level and Hugging Face `tokenizers` tokenizers
 """
 from .hf import from_hf, to_hf
 from .hf_config import config_from_hf, hf_config_from

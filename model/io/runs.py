@@ -18,9 +18,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from .build import SplitModel, abstract_model, initial_non_params, param_shardings
-from .config import Config
-from .sharding import state_shardings
+from ..build import SplitModel, abstract_model, initial_non_params, param_shardings
+from ..config import Config
+from ..sharding import state_shardings
 from .tokenizer import load_tokenizer
 
 RUN_FILE = "run.json"
