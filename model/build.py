@@ -59,6 +59,12 @@ def param_shardings(cfg: Config, mesh: Mesh, rules=DEFAULT_RULES):
     return state_shardings(nnx.state(abstract_model(cfg), nnx.Param), mesh, rules).to_pure_dict()
 
 
+def non_param_shardings(cfg: Config, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings of the other variables (router biases), as a plain nested dict."""
+    rest = nnx.split(abstract_model(cfg), nnx.Param, ...)[2]
+    return state_shardings(rest, mesh, rules).to_pure_dict()
+
+
 def initial_non_params(cfg: Config):
     """The variables that are not Params (a MoE router's selection bias) at their initial
     values. Jitted, so the unused parameter initialisation is dead code and never runs."""

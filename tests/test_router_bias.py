@@ -1,13 +1,10 @@
 """Auxiliary-loss-free balancing in the train step (DeepSeek-V3): each optimizer step moves
 every MoE layer's router bias by ±router_bias_rate toward equal expert load; the bias
-lives in the TrainState, the forward pass reads it, and a mesh shards it by 'expert'.
+lives in the TrainState and the forward pass reads it.
 
-(Checkpointing the bias, SIGKILL + resume and export: tests/test_train_resume.py.)"""
+(Checkpointing the bias, SIGKILL + resume and export: tests/test_train_resume.py;
+sharded over 'expert' and equal to one device: tests/test_sharding.py.)"""
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -127,48 +124,3 @@ def test_rate_is_validated():
         TrainConfig(router_bias_rate=-0.1)
     with pytest.raises(ValueError, match="--router_bias_rate"):
         TrainConfig(router_bias_rate=float("nan"))
-
-
-def test_sharded_step_moves_the_bias_like_one_device():
-    """4 emulated devices, mesh data=2,expert=2: two steps give the same bias, loss and
-    parameters as one device, and the bias lives split over 'expert' like the experts."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(out.stdout.strip().splitlines()[-1])
-    assert r["bias_spec"] == ["None", "expert"], r
-    assert r["bias_moved"] and r["bias_diff"] == 0.0, r
-    assert r["loss_diff"] <= 1e-5 and r["params_diff"] <= 1e-5, r
-
-
-def _sharded_main():
-    """The subprocess side of the test above (this file run as a script)."""
-    from jaxlm.model.sharding import make_mesh
-
-    tcfg = TrainConfig(steps=2, lr=3e-4, eps=1e-6, warmup_steps=0, batch_size=B, seq_len=T,
-                       router_bias_rate=0.01)
-
-    def run(mesh):
-        model = SplitModel.create(CFG, 0, mesh)
-        opt = make_optimizer(tcfg, model.params)
-        state = init_state(tcfg, CFG, model.params, opt, mesh, model.rest.to_pure_dict())
-        step = make_train_step(model, tcfg, opt, mesh)
-        for i in range(2):
-            state, m = step(state, _batch(i))
-        return jax.device_get((state.params, state.rest, m["loss"])), state.rest
-
-    (p1, r1, l1), _ = run(None)
-    (p2, r2, l2), sharded = run(make_mesh("data=2,expert=2"))
-    bias = sharded["blocks"][0]["mlp"]["router_bias"]
-    diff = lambda a, b: max(float(np.max(np.abs(x - y)))  # noqa: E731
-                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-    print(json.dumps({"bias_spec": [str(a) for a in bias.sharding.spec],
-                      "bias_moved": bool(np.any(np.asarray(bias))),
-                      "bias_diff": diff(r1, r2), "loss_diff": abs(float(l1) - float(l2)),
-                      "params_diff": diff(p1, p2)}))
-
-
-if __name__ == "__main__":
-    _sharded_main()

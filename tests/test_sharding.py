@@ -76,8 +76,9 @@ def _run_script(*args, timeout=300):
 
 def _assert_equal_to_one_device(report, expert_parallel: bool):
     for spec, r in report.items():
-        for key in ("loss", "grad_norm", "params", "logits"):
+        for key in ("loss", "grad_norm", "params", "rest", "logits"):
             assert r[key] <= 1e-5, (spec, key, r[key])
+        assert r["bias_moved"] == expert_parallel, spec  # the MoE config's router biases
         assert r["tokens_equal"], spec
         assert not r["misplaced"], (spec, r["misplaced"])
         assert r["cache_spec"] == r["cache_expected"], spec
@@ -94,8 +95,9 @@ def _assert_equal_to_one_device(report, expert_parallel: bool):
 def test_sharded_train_step_and_greedy_decode_equal_one_device(kind, meshes):
     """8 emulated devices: one train step (loss, gradient norm, every updated parameter)
     and a greedy decode (tokens, every step's logits) equal one device to 1e-5; every
-    parameter and Adam moment sits where the rules put its logical axes, the KV cache is
-    split over rows and kv heads, and MoE layers exchange tokens by all-to-all."""
+    parameter, Adam moment and router bias sits where the rules put its logical axes (the
+    MoE config's sigmoid-router biases, moved by the step, equal one device's too), the KV
+    cache is split over rows and kv heads, and MoE layers exchange tokens by all-to-all."""
     report = _run_script(kind, *meshes)
     assert list(report) == meshes
     _assert_equal_to_one_device(report, expert_parallel=kind == "moe")

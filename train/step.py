@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import struct
 from jax.sharding import Mesh
 
 from jaxlm.model import Config
@@ -116,13 +116,6 @@ def init_state(tcfg: TrainConfig, cfg: Config, params, optimizer,
     return jax.jit(make, out_shardings=state_shardings(tcfg, cfg, optimizer, mesh))(params, rest)
 
 
-def rest_shardings(cfg: Config, mesh: Mesh):
-    """NamedShardings of the non-Param variables (router biases: by their logical names,
-    like the parameters), as the pure dict TrainState.rest holds."""
-    abstract = nnx.split(build.abstract_model(cfg), nnx.Param, ...)[2]
-    return sharding.state_shardings(abstract, mesh).to_pure_dict()
-
-
 def state_shardings(tcfg: TrainConfig, cfg: Config, optimizer, mesh: Mesh) -> TrainState:
     """Where every TrainState array lives: parameters and router biases by the
     logical-axis rules, the optimizer's parameter-shaped state like its parameter,
@@ -132,7 +125,7 @@ def state_shardings(tcfg: TrainConfig, cfg: Config, optimizer, mesh: Mesh) -> Tr
     opt = optax.tree_map_params(optimizer, lambda _, s: s,
                                 jax.eval_shape(optimizer.init, build.abstract_params(cfg)), params,
                                 transform_non_params=lambda _: rep)
-    return TrainState(step=rep, params=params, rest=rest_shardings(cfg, mesh), opt_state=opt,
+    return TrainState(step=rep, params=params, rest=build.non_param_shardings(cfg, mesh), opt_state=opt,
                       loss_scale=rep, good_steps=rep)
 
 

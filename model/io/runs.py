@@ -18,9 +18,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from ..build import SplitModel, abstract_model, initial_non_params, param_shardings
+from ..build import (SplitModel, abstract_model, initial_non_params, non_param_shardings,
+                     param_shardings)
 from ..config import Config
-from ..sharding import state_shardings
 from .tokenizer import load_tokenizer
 
 RUN_FILE = "run.json"
@@ -79,7 +79,7 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     sharded = mesh is not None
     targets = {PARAMS_ITEM: _target(split.params, param_shardings(cfg, mesh) if sharded else None)}
     if split.rest and _has_item(run_dir, step, NON_PARAMS_ITEM):
-        where = state_shardings(split.rest, mesh).to_pure_dict() if sharded else None
+        where = non_param_shardings(cfg, mesh) if sharded else None
         targets[NON_PARAMS_ITEM] = _target(split.rest.to_pure_dict(), where)
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{k: ocp.args.StandardRestore(v) for k, v in targets.items()}))

@@ -27,14 +27,15 @@ KIND = sys.argv[1]
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
             init_std=0.1, max_position=64)
 CFG = Config(**BASE) if KIND == "dense" else Config(
-    **BASE, n_experts=8, n_experts_per_tok=2, moe_ffn_dim=16, first_k_dense=1)
+    **BASE, n_experts=8, n_experts_per_tok=2, moe_ffn_dim=16, first_k_dense=1,
+    router="sigmoid")  # selection biases in the state, moved by the step, split by 'expert'
 MESHES = sys.argv[2:] or (["data=8", "data=2,tensor=4", "data=2,fsdp=2,tensor=2"]
                           if KIND == "dense" else ["data=2,expert=4", "data=2,fsdp=2,expert=2"])
 # Adam's first step is lr·g/(|g| + eps): for a gradient near zero (unused embedding rows)
 # the 1e-8 of summation-order noise that sharding brings moves the update by a visible
 # fraction of lr. eps=1e-6 and lr=3e-4 keep the parameter comparison about sharding.
 TCFG = TrainConfig(steps=10, warmup_steps=0, grad_accum=2, batch_size=8, seq_len=12,
-                   lr=3e-4, eps=1e-6)
+                   lr=3e-4, eps=1e-6, router_bias_rate=0.01)
 rng = np.random.default_rng(0)
 tok = rng.integers(0, 64, (2, 8, 13))
 BATCH = {"inputs": tok[..., :-1].astype(np.int32), "targets": tok[..., 1:].astype(np.int32),
@@ -68,12 +69,12 @@ def misplaced(model, state, mesh):
     """Arrays whose sharding differs from what the rules give for their logical names."""
     from flax import nnx
     wrong = []
-    abstract = nnx.state(abstract_model(CFG), nnx.Param)
+    abstract = nnx.state(abstract_model(CFG))  # Params and router biases
     names = {jax.tree_util.keystr(p): v.get_metadata()["out_sharding"] for p, v in
              jax.tree_util.tree_leaves_with_path(
                  abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))}
     mu = state.opt_state[1][0].mu  # chain(clip, adamw): adam's first moment
-    for tree, what in ((state.params, "param"), (mu, "adam mu")):
+    for tree, what in ((state.params, "param"), (mu, "adam mu"), (state.rest, "bias")):
         for path, x in jax.tree_util.tree_leaves_with_path(tree):
             key = jax.tree_util.keystr(path)
             want = logical_to_spec(names[key], x.shape, mesh)
@@ -98,6 +99,8 @@ def main():
             "loss": abs(float(m["loss"]) - float(ref_m["loss"])),
             "grad_norm": abs(float(m["grad_norm"]) - float(ref_m["grad_norm"])),
             "params": max_diff(new.params, ref.params),
+            "rest": max_diff(new.rest, ref.rest) if jax.tree.leaves(ref.rest) else 0.0,
+            "bias_moved": bool(any(np.any(np.asarray(b)) for b in jax.tree.leaves(new.rest))),
             "tokens_equal": got == want,
             "logits": float(np.abs(logits - want_logits).max()),
             "misplaced": misplaced(model, new, mesh),
