@@ -28,12 +28,14 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(cfg, hd, "head_dim", rngs) if cfg.qk_norm else None
 
     def __call__(self, x, positions, *, rope=None, alibi=None, kv=None, starts=None,
-                 segment_ids=None):
+                 segment_ids=None, peft=None, prefix=None):
         """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) (laid out as cache.py says)
         the new keys are written at slots `starts` [b] and attention runs over the cache;
-        (out [b,t,d], updated kv or None)."""
+        (out [b,t,d], updated kv or None). prefix: prefix tuning's (keys, values) [P,kh,hd]
+        at positions 0..P-1, seen by every query and every segment (training; inference
+        holds them in the cache). peft: PeftInputs for attached LoRAs."""
         cfg = self.cfg
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x, peft), self.k_proj(x, peft), self.v_proj(x, peft)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -43,7 +45,9 @@ class Attention(nnx.Module):
         common = dict(causal=True, sliding_window=self.window, scale=cfg.softmax_scale,
                       softcap=cfg.attn_softcap, alibi_slopes=alibi,
                       implementation=cfg.attention_impl)
-        if kv is None:
+        if kv is None and prefix is not None:
+            out = self._with_prefix(q, k, v, positions, segment_ids, prefix, common)
+        elif kv is None:
             out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions,
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                 **common)
@@ -59,4 +63,22 @@ class Attention(nnx.Module):
                                 q_positions=positions, kv_positions=slots,
                                 kv_lengths=starts + x.shape[1], **common)
             kv = (k_buf, v_buf)
-        return self.o_proj(out), kv
+        return self.o_proj(out, peft), kv
+
+    def _with_prefix(self, q, k, v, positions, segment_ids, prefix, common):
+        """Attention over [prefix ⊕ new] keys: the prefix at positions 0..P-1 with segment
+        id -1 (every segment sees it), as the cache path sees it at slots 0..P-1."""
+        if self.cfg.attention_impl != "xla":
+            raise ValueError("prefix tuning trains with attention_impl='xla' (the fused "
+                             "kernels have no shared-prefix segment); set --model."
+                             "attention_impl xla")
+        b, p = q.shape[0], prefix[0].shape[0]
+        pk, pv = (jnp.broadcast_to(a.astype(k.dtype), (b, *a.shape)) for a in prefix)
+        kv_pos = jnp.concatenate([jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)),
+                                  positions], axis=1)
+        kv_seg = None
+        if segment_ids is not None:
+            kv_seg = jnp.concatenate([jnp.full((b, p), -1, segment_ids.dtype), segment_ids], 1)
+        return ops.attention(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1),
+                             q_positions=positions, kv_positions=kv_pos,
+                             q_segment_ids=segment_ids, kv_segment_ids=kv_seg, **common)

@@ -75,11 +75,21 @@ class SplitModel:
     """A CausalLM as a static graph, its parameters as a plain nested dict (what the
     optimizer, gradients and checkpoints hold) and its other variables (`rest`: router
     selection biases, moved by a rule rather than by gradients). `merge` rebuilds the
-    module from any arrays of those shapes, inside traced functions too."""
+    module from any arrays of those shapes, inside traced functions too.
 
-    def __init__(self, lm: CausalLM):
+    trainable: which Params are `params` (default all). Fine-tuning adapters passes
+    jaxlm.model.peft.Adapter: `params` is then the adapter weights alone and the base
+    Params are `frozen` (an nnx.State), passed to `merge` as an argument (a jit input,
+    never a traced-in constant) and never given to the optimizer."""
+
+    def __init__(self, lm: CausalLM, trainable=nnx.Param):
         self.cfg = lm.cfg
-        self.graphdef, state, self.rest = nnx.split(lm, nnx.Param, ...)
+        if trainable is nnx.Param:
+            self.graphdef, state, self.rest = nnx.split(lm, nnx.Param, ...)
+            self.frozen = None
+        else:
+            self.graphdef, state, self.frozen, self.rest = nnx.split(lm, trainable,
+                                                                     nnx.Param, ...)
         self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         self.params = state.to_pure_dict()
 
@@ -87,11 +97,14 @@ class SplitModel:
     def create(cls, cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> "SplitModel":
         return cls(create(cfg, seed, mesh))
 
-    def merge(self, params, rest=None) -> CausalLM:
-        """The module over `params` (and `rest`, default the split-time values)."""
+    def merge(self, params, rest=None, frozen=None) -> CausalLM:
+        """The module over `params` (and `rest` / `frozen`, default the split-time values)."""
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
-        return nnx.merge(self.graphdef, state, self.rest if rest is None else rest)
+        rest = self.rest if rest is None else rest
+        if self.frozen is None:
+            return nnx.merge(self.graphdef, state, rest)
+        return nnx.merge(self.graphdef, state, self.frozen if frozen is None else frozen, rest)
 
 
 def split_layers(lm: CausalLM):

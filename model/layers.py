@@ -55,15 +55,27 @@ class Dense(nnx.Module):
                                  "normal", cfg, std)
         self.bias = (make_param(rngs, out_shape, out_axes, "zeros", cfg)
                      if bias else None)
+        self.lora = nnx.data(None)  # a jaxlm.model.peft.LoRA beside this weight, when attached
 
-    def __call__(self, x):
+    def __call__(self, x, peft=None):
+        """peft: jaxlm.model.peft.PeftInputs for an attached LoRA (dropout key, row ids)."""
         n = self.in_rank
         w = self.kernel[...].astype(self.dtype)
-        y = jnp.tensordot(x.astype(self.dtype), w, axes=(tuple(range(x.ndim - n, x.ndim)),
-                                                         tuple(range(n))))
+        x = x.astype(self.dtype)
+        y = jnp.tensordot(x, w, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+        if self.lora is not None:
+            y = y + self.lora(x, peft)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+    def weight(self, dtype):
+        """The kernel in `dtype`, with an attached LoRA's s·A·B added (for callers that
+        use the weight itself rather than x·W, as MLA does with kv_b)."""
+        w = self.kernel[...].astype(jnp.float32 if self.lora is not None else dtype)
+        if self.lora is not None:
+            w = w + self.lora.weight_delta(lead=self.lora.a[...].ndim - 1 - self.in_rank)
+        return w.astype(dtype)
 
 
 class Norm(nnx.Module):
@@ -115,12 +127,12 @@ class MLP(nnx.Module):
         self.up = dense(d, f, "embed", "mlp")
         self.down = dense(f, d, "mlp", "embed", std=residual_std(cfg))
 
-    def __call__(self, x):
+    def __call__(self, x, peft=None):
         if self.gate is not None:
-            h = ops.glu(self.gate(x), self.up(x), self.activation)
+            h = ops.glu(self.gate(x, peft), self.up(x, peft), self.activation)
         else:
-            h = ops.get_activation(self.activation)(self.up(x))
-        return self.down(h)
+            h = ops.get_activation(self.activation)(self.up(x, peft))
+        return self.down(h, peft)
 
 
 def residual_std(cfg: Config) -> float:

@@ -49,21 +49,24 @@ class MLAttention(nnx.Module):
         self.o_proj = Dense(cfg, (h, dv), (d,), ("heads", "head_dim"), ("embed",),
                             bias=cfg.out_bias, rngs=rngs, std=residual_std(cfg))
 
-    def _queries(self, x):
+    def _queries(self, x, peft):
         if self.q_proj is not None:
-            return self.q_proj(x)
-        return self.q_b(self.q_a_norm(self.q_a(x)))
+            return self.q_proj(x, peft)
+        return self.q_b(self.q_a_norm(self.q_a(x, peft)), peft)
 
     def __call__(self, x, positions, *, rope, kv=None, starts=None, segment_ids=None,
-                 alibi=None):
+                 alibi=None, peft=None, prefix=None):
         """x [b,t,d]; kv = (latent [b,S,r], k_rope [b,S,dr]) cache buffers or None."""
         del alibi  # MLA is rotary only (checked by Config)
+        if prefix is not None:
+            raise ValueError("prefix tuning needs per-head keys and values; MLA's cache "
+                             "holds a latent instead (use LoRA for MLA models)")
         cfg = self.cfg
         dn, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
         cos, sin = rope
-        q = self._queries(x)                                   # [b,t,h,dn+dr]
+        q = self._queries(x, peft)                             # [b,t,h,dn+dr]
         q_nope, q_rope = q[..., :dn], ops.apply_rope(q[..., dn:], cos, sin, cfg.rope_layout)
-        ckv = self.kv_a(x)                                     # [b,t,r+dr]
+        ckv = self.kv_a(x, peft)                               # [b,t,r+dr]
         latent = self.kv_a_norm(ckv[..., :r])
         k_rope = ops.apply_rope(ckv[..., None, r:], cos, sin, cfg.rope_layout)[:, :, 0]
 
@@ -83,7 +86,7 @@ class MLAttention(nnx.Module):
                              kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
                              kv_lengths=starts + x.shape[1])
 
-        w_kv = self.kv_b.kernel[...].astype(x.dtype)           # [r,h,dn+dv]
+        w_kv = self.kv_b.weight(x.dtype)                       # [r,h,dn+dv] (+ LoRA)
         w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
         if cfg.mla_absorb:
             q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
@@ -98,4 +101,4 @@ class MLAttention(nnx.Module):
                 [k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], k_rope.shape[-1]))],
                 axis=-1)
             out = ops.attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, **mask_args)
-        return self.o_proj(out), kv
+        return self.o_proj(out, peft), kv

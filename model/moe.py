@@ -25,6 +25,10 @@ from .layers import make_param, residual_std
 from .sharding import expert_parallel_size, logical_to_spec
 
 
+# The weights LoRA may adapt (experts and shared experts).
+_ADAPTABLE = ("gate", "up", "down", "shared_gate_proj", "shared_up", "shared_down")
+
+
 class RouterBias(nnx.Variable):
     """DeepSeek-V3's per-expert selection bias: not trained by gradients, moved by
     ops.moe.update_router_bias toward balanced load."""
@@ -53,6 +57,19 @@ class MoE(nnx.Module):
             self.shared_gate_proj = self.shared_up = self.shared_down = None
         self.shared_expert_gate = (make_param(rngs, (d,), ("embed",), "normal", cfg)
                                    if shared_f and cfg.shared_expert_gate else None)
+        # LoRA on the expert weights (jaxlm.model.peft): <weight name>_lora, s·A·B added
+        # to the weight (per expert), since the experts are weights, not Dense calls.
+        for name in _ADAPTABLE:
+            setattr(self, f"{name}_lora", nnx.data(None))
+
+    def _weight(self, name: str, dtype):
+        p, lora = getattr(self, name), getattr(self, f"{name}_lora", None)
+        if p is None:
+            return None
+        if lora is None:
+            return p[...].astype(dtype)
+        return (p[...].astype(jnp.float32) + lora.weight_delta(lead=lora.a[...].ndim - 2)
+                ).astype(dtype)
 
     def route(self, x):
         """Routing for flattened tokens x [n,d]."""
@@ -67,26 +84,28 @@ class MoE(nnx.Module):
             logits, cfg.n_experts_per_tok, norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor)
 
-    def __call__(self, x):
+    def __call__(self, x, peft=None):
+        """peft is accepted for a uniform call; expert LoRA needs no per-call inputs (no
+        dropout: the delta is added to the weights)."""
+        del peft
         cfg = self.cfg
         b, t, d = x.shape
         dtype = x.dtype
         xf = x.reshape(b * t, d)
         routing = self.route(xf)
-        w = lambda p: None if p is None else p[...].astype(dtype)  # noqa: E731
+        w = lambda name: self._weight(name, dtype)  # noqa: E731
         ep = expert_parallel_size()
         if ep > 1 and cfg.moe_dispatch != "dense" and cfg.n_experts % ep == 0:
-            y, dropped = self._expert_parallel(xf, b, routing, w(self.gate), w(self.up),
-                                               w(self.down))
+            y, dropped = self._expert_parallel(xf, b, routing, w("gate"), w("up"), w("down"))
         else:
             y, dropped = moe_ops.routed_experts(
-                xf, routing, w(self.gate), w(self.up), w(self.down),
+                xf, routing, w("gate"), w("up"), w("down"),
                 dispatch=cfg.moe_dispatch, activation=cfg.activation,
                 capacity_factor=cfg.capacity_factor)
         if self.shared_up is not None:
             y = moe_ops.add_shared_experts(
-                y, xf, w(self.shared_gate_proj), w(self.shared_up), w(self.shared_down),
-                activation=cfg.activation, w_shared_gate=w(self.shared_expert_gate))
+                y, xf, w("shared_gate_proj"), w("shared_up"), w("shared_down"),
+                activation=cfg.activation, w_shared_gate=w("shared_expert_gate"))
         load = moe_ops.expert_load(routing.experts, cfg.n_experts)
         aux = {"load_balance_loss": moe_ops.load_balance_loss(routing.probs, routing.experts),
                "router_z_loss": moe_ops.router_z_loss(routing.logits),

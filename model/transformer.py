@@ -17,11 +17,12 @@ from flax import nnx
 from jaxlm import ops
 
 from .attention import Attention
-from .cache import KVCache, MLACache, create_cache, slot_axis
+from .cache import KVCache, MLACache, create_cache, heads_to_layout, slot_axis, write_layer
 from .config import Config, LayerKind
 from .layers import MLP, Dense, Embed, Norm, make_param
 from .mla import MLAttention
 from .moe import MoE
+from .peft import PeftInputs
 
 
 class Output(NamedTuple):
@@ -41,26 +42,39 @@ class Block(nnx.Module):
                                                                           kind.window)
         self.mlp_norm = Norm(cfg, cfg.d_model, "embed", rngs)
         self.mlp = MoE(cfg, rngs) if kind.moe else MLP(cfg, rngs)
+        # Bottleneck adapters on the sublayer outputs (jaxlm.model.peft), when attached.
+        self.attn_adapter = nnx.data(None)
+        self.mlp_adapter = nnx.data(None)
 
-    def _attention(self, x, positions, attn_kwargs):
+    def _attention(self, x, positions, peft, attn_kwargs):
         with jax.named_scope("attention"):
-            return self.attn(x, positions, **attn_kwargs)
+            a, kv = self.attn(x, positions, peft=peft, **attn_kwargs)
+        if self.attn_adapter is not None:
+            a = self.attn_adapter(a, peft)
+        return a, kv
 
-    def _ffn(self, x):
+    def _ffn(self, x, peft):
         with jax.named_scope("moe" if isinstance(self.mlp, MoE) else "mlp"):
-            out = self.mlp(x)
-        return out if isinstance(out, tuple) else (out, {})
+            out = self.mlp(x, peft)
+        f, aux = out if isinstance(out, tuple) else (out, {})
+        if self.mlp_adapter is not None:
+            f = self.mlp_adapter(f, peft)
+        return f, aux
 
-    def __call__(self, x, positions, **attn_kwargs):
-        """Returns (x, updated kv buffers or None, aux dict of this layer)."""
+    def __call__(self, x, positions, *, peft=None, dropout_key=None, **attn_kwargs):
+        """Returns (x, updated kv buffers or None, aux dict of this layer). peft: the
+        adapters' PeftInputs (row ids); dropout_key: this layer's LoRA dropout key."""
+        if dropout_key is not None:
+            peft = PeftInputs(ids=None if peft is None else peft.ids, key=dropout_key)
         if self.post_norm:
-            a, kv = self._attention(x, positions, attn_kwargs)
+            a, kv = self._attention(x, positions, peft, attn_kwargs)
             x = _norm(self.attn_norm, "attn_norm", x + a)
-            f, aux = self._ffn(x)
+            f, aux = self._ffn(x, peft)
             return _norm(self.mlp_norm, "mlp_norm", x + f), kv, aux
-        a, kv = self._attention(_norm(self.attn_norm, "attn_norm", x), positions, attn_kwargs)
+        a, kv = self._attention(_norm(self.attn_norm, "attn_norm", x), positions, peft,
+                                attn_kwargs)
         x = x + a
-        f, aux = self._ffn(_norm(self.mlp_norm, "mlp_norm", x))
+        f, aux = self._ffn(_norm(self.mlp_norm, "mlp_norm", x), peft)
         return x + f, kv, aux
 
 
@@ -84,21 +98,23 @@ _REMAT_POLICIES = {
 }
 
 
-def scan_blocks(blocks, x, kv, cfg: Config, **block_kwargs):
+def scan_blocks(blocks, x, kv, cfg: Config, per_layer=None, **block_kwargs):
     """Run stacked blocks over x with lax.scan.
 
-    kv: a tuple of cache buffers stacked on the layer axis, or None. Returns
-    (x, updated buffers, aux with a leading layer axis)."""
+    kv: a tuple of cache buffers stacked on the layer axis, or None. per_layer: a dict of
+    keyword arguments whose arrays have a leading layer axis (each block gets its slice).
+    Returns (x, updated buffers, aux with a leading layer axis)."""
     graphdef, state = nnx.split(blocks)
 
     def body(h, layer):
-        layer_state, layer_kv = layer
-        h, layer_kv, aux = nnx.merge(graphdef, layer_state)(h, kv=layer_kv, **block_kwargs)
+        layer_state, layer_kv, extra = layer
+        h, layer_kv, aux = nnx.merge(graphdef, layer_state)(h, kv=layer_kv, **extra,
+                                                            **block_kwargs)
         return h, (layer_kv, aux)
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    x, (kv, aux) = jax.lax.scan(body, x, (state, kv))
+    x, (kv, aux) = jax.lax.scan(body, x, (state, kv, per_layer or {}))
     return x, kv, aux
 
 
@@ -134,10 +150,27 @@ class CausalLM(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",),
                               bias=False, rngs=rngs))
+        self.prefix = nnx.data(None)  # prefix tuning's virtual tokens (jaxlm.model.peft.Prefix)
+        self.peft_spec = None   # the spec of the attached adapter, if any
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
-        """A zero KVCache (or MLACache) for `batch` rows of up to max_len positions."""
-        return create_cache(self.cfg, batch, max_len or self.cfg.max_position, dtype)
+        """A KVCache (or MLACache) for `batch` rows of up to max_len positions: empty, or
+        with prefix tuning's P virtual tokens already in slots 0..P-1 (lengths P)."""
+        cache = create_cache(self.cfg, batch, max_len or self.cfg.max_position, dtype)
+        if self.prefix is None:
+            return cache
+        kv = self.prefix.kv(cache.k.dtype)                        # [l,2,P,kh,hd]
+        p = kv.shape[2]
+        if p >= cache.max_len:
+            raise ValueError(f"the cache ({cache.max_len} slots) must hold the prefix's "
+                             f"{p} virtual tokens and more")
+        axis = cache.slot_axis
+        rows = lambda a: jnp.broadcast_to(heads_to_layout(a[None], axis),  # noqa: E731
+                                          (batch, *heads_to_layout(a[None], axis).shape[1:]))
+        zeros = jnp.zeros((batch,), jnp.int32)
+        k = jax.vmap(lambda buf, a: write_layer(buf, rows(a), zeros, axis))(cache.k, kv[:, 0])
+        v = jax.vmap(lambda buf, a: write_layer(buf, rows(a), zeros, axis))(cache.v, kv[:, 1])
+        return cache.with_buffers((k, v), jnp.full((batch,), p, jnp.int32))
 
     # The pieces of the forward pass --------------------------------------------------
     def embed_inputs(self, tokens, positions):
@@ -193,9 +226,12 @@ class CausalLM(nnx.Module):
             raise ValueError("segment_ids are for packed training; don't pass them with a cache")
 
     def __call__(self, tokens, positions=None, cache: KVCache | None = None, *,
-                 segment_ids=None) -> Output:
+                 segment_ids=None, peft: PeftInputs | None = None) -> Output:
         """tokens [b,t] int; positions [b,t] (default: continue from the cache lengths);
-        segment_ids [b,t] keeps packed documents apart (training only)."""
+        segment_ids [b,t] keeps packed documents apart (training only); peft: inputs of
+        attached adapters (PeftInputs: a LoRA dropout key in training, row ids of stacked
+        adapters). With prefix tuning and no cache, positions count from the P virtual
+        tokens (P..), as they do in a cache made by init_cache."""
         cfg = self.cfg
         self.check_inputs(tokens, cache, segment_ids)
         b, t = tokens.shape
@@ -203,15 +239,27 @@ class CausalLM(nnx.Module):
         if positions is None:
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
+        prefix = None
+        if self.prefix is not None and cache is None:
+            prefix = self.prefix.kv(jnp.dtype(cfg.dtype))          # [l,2,P,kh,hd]
+            positions = positions + prefix.shape[2]
+        key = None if peft is None else peft.key
+        peft = None if peft is None else PeftInputs(ids=peft.ids)
 
         x = self.embed_inputs(tokens, positions)
         rope, alibi = self.position_signals(positions)
         new_buffers, group_aux, first = [], [], 0
-        for group, (_, n) in zip(self.blocks, cfg.layer_groups()):
+        for g, (group, (_, n)) in enumerate(zip(self.blocks, cfg.layer_groups())):
             kv = (None if cache is None else
                   tuple(buf[first:first + n] for buf in cache.buffers))
-            x, kv, aux = scan_blocks(group, x, kv, cfg, positions=positions, rope=rope,
-                                     alibi=alibi, starts=starts, segment_ids=segment_ids)
+            per_layer = {}
+            if prefix is not None:
+                per_layer["prefix"] = (prefix[first:first + n, 0], prefix[first:first + n, 1])
+            if key is not None:
+                per_layer["dropout_key"] = jax.random.split(jax.random.fold_in(key, g), n)
+            x, kv, aux = scan_blocks(group, x, kv, cfg, per_layer, positions=positions,
+                                     rope=rope, alibi=alibi, starts=starts,
+                                     segment_ids=segment_ids, peft=peft)
             new_buffers.append(kv)
             group_aux.append(aux)
             first += n

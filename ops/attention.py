@@ -11,7 +11,9 @@ serves training (t == s), prefill and cached decode (t != s): query i at positio
 q_positions[b,i] may see key j at kv_positions[b,j] when
   * causal:          kv_pos <= q_pos
   * sliding window:  q_pos - kv_pos < window     (the window counts the query itself)
-  * segment ids:     q_segment == kv_segment     (packed sequences, padding = its own id)
+  * segment ids:     q_segment == kv_segment     (packed sequences, padding = its own id);
+                     a key with segment id < 0 is shared by every segment (prefix tuning's
+                     virtual tokens; the xla implementation only)
   * kv_lengths:      j < kv_lengths[b]           (unfilled cache slots are never seen)
 """
 from __future__ import annotations
@@ -62,7 +64,8 @@ def attention_mask(q_positions, kv_positions, *, causal=False, sliding_window=No
     if q_segment_ids is not None or kv_segment_ids is not None:
         if q_segment_ids is None or kv_segment_ids is None:
             raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-        mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        ks = kv_segment_ids[:, None, :]
+        mask &= (q_segment_ids[:, :, None] == ks) | (ks < 0)
     if kv_lengths is not None:
         s = kv_positions.shape[1]
         mask &= jnp.arange(s)[None, None, :] < kv_lengths[:, None, None]
