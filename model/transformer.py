@@ -200,12 +200,13 @@ class CausalLM(nnx.Module):
             return None, ops.alibi_slopes(cfg.n_heads)
         return None, None
 
-    def head(self, x):
-        """Final norm and LM head: float32 logits [b,t,v] (soft-capped if configured)."""
+    def head(self, x, peft: PeftInputs | None = None):
+        """Final norm and LM head: float32 logits [b,t,v] (soft-capped if configured).
+        peft: inputs of a LoRA on lm_head (row ids, dropout key)."""
         cfg = self.cfg
         x = _norm(self.final_norm, "final_norm", x)
         with jax.named_scope("lm_head"):
-            logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x)
+            logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x, peft)
             logits = logits.astype(jnp.float32)
             if cfg.final_softcap is not None:
                 logits = ops.soft_cap(logits, cfg.final_softcap)
@@ -263,7 +264,8 @@ class CausalLM(nnx.Module):
             new_buffers.append(kv)
             group_aux.append(aux)
             first += n
-        logits = self.head(x)
+        head_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
+        logits = self.head(x, PeftInputs(ids=None if peft is None else peft.ids, key=head_key))
         if cache is not None:
             buffers = (new_buffers[0] if len(new_buffers) == 1 else
                        tuple(jnp.concatenate(parts) for parts in zip(*new_buffers)))
