@@ -34,7 +34,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jaxlm import ops
@@ -384,7 +383,9 @@ def _group_paths(cfg: Config, path, layers):
 
 
 def _names(var):
-    return tuple(var.get_metadata().get("sharding_names") or (None,) * var[...].ndim)
+    """The logical axis names of a base weight (flax stores `sharding_names=` as
+    out_sharding), so its adapter factors shard the same way on a mesh."""
+    return tuple(var.get_metadata().get("out_sharding") or (None,) * var[...].ndim)
 
 
 def attach(lm, spec: Spec, seed: int = 0, family: str | None = None):
@@ -407,6 +408,13 @@ def attach(lm, spec: Spec, seed: int = 0, family: str | None = None):
         _attach_bottleneck(lm, spec, rngs)
     lm.peft_spec = spec
     return lm
+
+
+def check_attachable(cfg: Config, spec: Spec) -> None:
+    """Raise attach's ValueError (targets matching nothing, a prefix on MLA, ...) for a model
+    of this Config without building it: attach runs on shapes alone."""
+    from .transformer import CausalLM
+    nnx.eval_shape(lambda: attach(CausalLM(cfg, nnx.Rngs(0)), spec))
 
 
 def _attach_lora(lm, spec: LoraSpec, rngs, family):
@@ -513,3 +521,117 @@ def _fold(lm, sign: int):
         w.set_value(peft_ops.merge_lora(w[...], lora.a[...], lora.b[...],
                                         sign * lora.scale, lead))
         lora.merged = sign > 0
+
+
+# Several adapters in one batch --------------------------------------------------------
+def attach_stacked(lm, adapted: list):
+    """Put the adapters of `adapted` (CausalLMs over lm's base, one adapter each) on lm at
+    once, stacked on an adapter axis; row b of a call then uses adapted[ids[b]] with
+    `PeftInputs(ids=...)` (−1: no adapter). In place (lm must have none yet); returns lm.
+
+    LoRA: every Dense some adapter targets gets A [*(layers), n, *in, R] and B [*(layers),
+    n, R, *out], R the largest rank there: smaller ranks are zero-padded and adapters that
+    skip the module are zero, so each row's delta is exactly its own adapter's. GPT-2's
+    fused c_attn keeps one A for q, k and v. Bottleneck adapters likewise (padded to the
+    widest; zero weights are the identity). Prefix adapters add no module weights: their
+    keys and values go into their rows' cache (`prefix_kvs`). Only the adapter weights of
+    `adapted` are read; that they share lm's base is the caller's promise."""
+    if adapters_of(lm):
+        raise ValueError("attach_stacked needs the base model, with no adapter attached")
+    if not adapted:
+        raise ValueError("attach_stacked needs at least one adapted model")
+    for i, m in enumerate(adapted):
+        if m.cfg != lm.cfg:
+            raise ValueError(f"adapted[{i}] has another Config than the base model; stack "
+                             f"adapters trained on this base only")
+        if not adapters_of(m):
+            raise ValueError(f"adapted[{i}] has no adapter attached (attach or load_peft one)")
+        for path, lora in loras(m):
+            _check_stackable(lm.cfg, i, path, lora)
+    _stack_loras(lm, adapted)
+    _stack_bottlenecks(lm, adapted)
+    return lm
+
+
+def prefix_kvs(adapted: list, dtype=jnp.float32) -> list:
+    """Each adapted model's prefix keys and values [L, 2, P, kh, hd], or None (no prefix)."""
+    return [None if m.prefix is None else m.prefix.kv(dtype) for m in adapted]
+
+
+def _check_stackable(cfg: Config, i: int, path, lora: LoRA) -> None:
+    where = ".".join(map(str, path[:-1]))
+    if path[-1] != "lora":
+        what = "MoE expert weights, which are read whole rather than applied per row"
+    elif path[-2] == "kv_b" and cfg.attention == "mla":
+        what = "MLA's kv_b, whose kernel is read whole rather than applied per row"
+    elif lora.merged:
+        raise ValueError(f"adapted[{i}] has its LoRA merged into its weights; unmerge it "
+                         f"(jaxlm.model.peft.unmerge) before stacking")
+    else:
+        return
+    raise ValueError(f"adapted[{i}] puts LoRA on {what} ({where}); such an adapter cannot "
+                     f"share a batch with others: serve it alone (Engine(adapted_lm), "
+                     f"optionally merge=True)")
+
+
+def _stacked(like, values, lead: int, rank_axis: int | None, rank: int) -> Adapter:
+    """An Adapter [*lead, n, ...] of `values` (None: zeros), each zero-padded on rank_axis
+    to `rank`; logical names as `like`'s with the adapter axis unnamed."""
+    ref = next(v for v in values if v is not None)
+    shape = list(ref.shape)
+    if rank_axis is not None:
+        shape[rank_axis] = rank
+
+    def pad(v):
+        if v is None:
+            return jnp.zeros(shape, ref.dtype)
+        widths = [(0, 0)] * v.ndim
+        if rank_axis is not None:
+            widths[rank_axis] = (0, rank - v.shape[rank_axis])
+        return jnp.pad(v, widths)
+    names = _names(like)
+    return Adapter(jnp.stack([pad(v) for v in values], axis=lead),
+                   sharding_names=(*names[:lead], None, *names[lead:]), eager_sharding=False)
+
+
+def _stack_loras(lm, adapted: list) -> None:
+    n = len(adapted)
+    found: dict[tuple, list] = {}    # Dense path → each adapter's LoRA there, or None
+    for i, m in enumerate(adapted):
+        for path, lora in loras(m):
+            found.setdefault(path[:-1], [None] * n)[i] = lora
+    stacked_a = {}                   # the adapters' own A's → one stacked A (shared A)
+    for path, per in found.items():
+        dense = _module(lm, path)
+        here = [x for x in per if x is not None]
+        lead = here[0].a[...].ndim - 1 - dense.in_rank
+        rank = max(x.a[...].shape[-1] for x in here)
+        key = tuple(None if x is None else id(x.a) for x in per)
+        if key not in stacked_a:
+            stacked_a[key] = _stacked(here[0].a, [None if x is None else x.a[...] for x in per],
+                                      lead, -1, rank)
+        b = _stacked(here[0].b, [None if x is None else x.b[...] for x in per], lead, lead,
+                     rank)
+        scales = tuple(0.0 if x is None else float(x.scale) for x in per)
+        dense.lora = LoRA(stacked_a[key], b, scales, stacked=True)
+
+
+def _stack_bottlenecks(lm, adapted: list) -> None:
+    for g, block in enumerate(lm.blocks):
+        for where in ("attn", "mlp"):
+            per = [getattr(m.blocks[g], f"{where}_adapter") for m in adapted]
+            here = [x for x in per if x is not None]
+            if not here:
+                continue
+            acts = sorted({x.activation for x in here})
+            if len(acts) > 1:
+                raise ValueError(f"bottleneck adapters with different activations "
+                                 f"({', '.join(acts)}) cannot share a batch; serve them "
+                                 f"in separate engines")
+            dim = max(x.down[...].shape[-1] for x in here)
+            parts = [_stacked(getattr(here[0], name),
+                              [None if x is None else getattr(x, name)[...] for x in per],
+                              1, axis, dim)
+                     for name, axis in (("down", -1), ("down_bias", -1), ("up", 1),
+                                        ("up_bias", None))]
+            setattr(block, f"{where}_adapter", Bottleneck(*parts, acts[0], stacked=True))
