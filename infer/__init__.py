@@ -4,6 +4,8 @@
     new = generate(lm, [[1, 2, 3], [4, 5]], max_new_tokens=32)                 # greedy
     new = generate(lm, prompts, max_new_tokens=64, sampling=Sampling(temperature=0.7,
                    top_p=0.9), seed=0, stop_tokens=(eos,))
+    engine = Engine(base, adapters=[lora_lm, prefix_lm, "peft_dir"])   # several adapters
+    new = engine.generate(prompts, max_new_tokens=32, adapter_ids=[0, 2, -1])
 """
 from jaxlm.ops.sampling import Sampling
 

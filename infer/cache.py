@@ -4,6 +4,8 @@
               = (k [b,S,k,d], v [b,S,k,dv])      standard attention, Pallas / cuDNN kernels
               = (latent [b,S,r], k_rope [b,S,dr]) MLA
     lengths   = [b] int32                        slots filled in each row
+    peft_ids  = [b] int32 or None                each row's index in the model's stacked
+                                                 adapters (−1: none; infer/adapters.py)
 
 Slot j of a row holds the token at position j, as in jaxlm.model.KVCache. The model's
 KVCache stacks the layers on one leading axis for its layer scan; here each layer owns its
@@ -34,13 +36,16 @@ def round_up(n: int, m: int = BUCKET) -> int:
     return -(-n // m) * m
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths"],
+@partial(jax.tree_util.register_dataclass, data_fields=["layers", "lengths", "peft_ids"],
          meta_fields=["slot_axis"])
 @dataclasses.dataclass
 class DecodeCache:
     layers: tuple        # per layer: a tuple of buffers (K and V, or latent and RoPE key)
     lengths: jax.Array   # [b] int32
     slot_axis: int = HEADS_FIRST  # the slot axis of every buffer (model.cache's names)
+    # Which stacked adapter each row's K/V were made with, read by every later step; None
+    # (no stacked adapters) adds no op to the compiled steps.
+    peft_ids: jax.Array | None = None
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None,

@@ -4,6 +4,14 @@
     python -m jaxlm.infer --hf ~/models/Qwen3-0.6B --prompt "Hi" --temperature 0.7 --top-p 0.9
     python -m jaxlm.infer --hf DIR --prompt-ids 1,2,3 --bench
     python -m jaxlm.infer --hf DIR --prompt "Hi" --mesh tensor=8    # one host, 8 devices
+    python -m jaxlm.infer --hf DIR --adapter PEFT_DIR --prompt "Hi" [--merge]
+    python -m jaxlm.infer --hf DIR --adapter A --adapter B --prompt-ids 1,2 --prompt-ids 3 \
+        --prompt-ids 4,5 --adapter-ids 0,1,-1          # one batch, a LoRA/prefix/... per row
+
+--adapter serves PEFT adapter directories (LoRA, prefix tuning, bottleneck): one adapter
+for every row, or several in one batch with --adapter-ids (one id per prompt, --prompt
+ones first, then --prompt-ids; -1 = the base model; default: every row adapter 0). A
+--checkpoint of a PEFT run serves its trained adapter.
 
 Text streams to the terminal as it is produced (the decode loop runs in chunks of
 --chunk steps). --bench prints prefill and decode tokens/s, time to first token and the
@@ -28,6 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--hf", metavar="DIR", help="a local Hugging Face model directory "
                      "(config.json, *.safetensors, tokenizer.json)")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--adapter", action="append", metavar="PEFT_DIR",
+                   help="a PEFT adapter directory (repeat to serve several in one batch)")
+    p.add_argument("--adapter-ids", metavar="IDS", help="each prompt's adapter, e.g. 0,1,-1 "
+                   "(an index into the --adapter list; -1: the base model; default: all 0)")
+    p.add_argument("--merge", action="store_true",
+                   help="fold a single LoRA adapter into the weights (faster decode)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--prompt-ids", action="append", metavar="IDS",
                    help="a prompt as comma-separated token ids (repeat for a batch)")
@@ -98,6 +112,34 @@ def check_args(args) -> None:
     for text in args.prompt_ids or []:
         if not _ids(text, "--prompt-ids"):
             raise ValueError("--prompt-ids is empty; give at least one token id")
+    for path in args.adapter or []:
+        if not os.path.isdir(path):
+            raise ValueError(f"--adapter {path!r} is not a directory; pass a PEFT adapter "
+                             f"directory")
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ValueError(f"--adapter {path!r} has no adapter_config.json; is it a PEFT "
+                             f"adapter directory?")
+    adapter_ids(args)
+
+
+def adapter_ids(args) -> list[int] | None:
+    """Each prompt's adapter id from --adapter-ids (default all 0), checked; None when
+    no --adapter is given."""
+    n_prompts = len(args.prompt or []) + len(args.prompt_ids or [])
+    if args.adapter_ids is None:
+        return [0] * n_prompts if args.adapter else None
+    if not args.adapter:
+        raise ValueError("--adapter-ids needs --adapter (the adapters the ids index)")
+    ids = _ids(args.adapter_ids, "--adapter-ids")
+    if len(ids) != n_prompts:
+        raise ValueError(f"--adapter-ids has {len(ids)} ids for {n_prompts} prompts; give "
+                         f"one per prompt (--prompt ones first, then --prompt-ids)")
+    n = len(args.adapter)
+    bad = [i for i in ids if not -1 <= i < n]
+    if bad:
+        raise ValueError(f"--adapter-ids {bad} out of range: {n} --adapter given, so ids "
+                         f"are 0..{n - 1}, or -1 for the base model")
+    return ids
 
 
 def load(args, mesh=None):
@@ -129,13 +171,13 @@ def _text(tokenizer, ids) -> str:
     return tokenizer.decode(ids) if tokenizer is not None else " ".join(map(str, ids)) + " "
 
 
-def stream_one(engine, tokenizer, prompt, args, sampling, stops) -> None:
+def stream_one(engine, tokenizer, prompt, args, sampling, stops, ids=None) -> None:
     """Print the prompt's continuation as it is produced. Text is re-decoded as a whole
     and only its new tail printed, so multi-byte characters and merges come out right."""
     out, shown = [], ""
     for chunk in engine.stream([prompt], max_new_tokens=args.max_new_tokens,
                                sampling=sampling, seed=args.seed, stop_tokens=stops,
-                               chunk=args.chunk):
+                               chunk=args.chunk, adapter_ids=ids):
         out += chunk[0]
         text = _text(tokenizer, out)
         if text.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for the rest
@@ -147,14 +189,16 @@ def stream_one(engine, tokenizer, prompt, args, sampling, stops) -> None:
     sys.stdout.write(text[len(shown):] + "\n")
 
 
-def bench(engine, prompts, args, sampling, stops) -> None:
+def bench(engine, prompts, args, sampling, stops, ids=None) -> None:
     import jax
     import numpy as np
     n, b = args.max_new_tokens, len(prompts)
-    engine.generate(prompts, max_new_tokens=n, sampling=sampling, stop_tokens=stops)  # compile
+    engine.generate(prompts, max_new_tokens=n, sampling=sampling, stop_tokens=stops,
+                    adapter_ids=ids)  # compile
     key_p, key_d = jax.random.split(jax.random.key(args.seed))
     t0 = time.perf_counter()
-    first, logits, cache = engine.prefill_prompts(prompts, n, key_p, sampling)
+    first, logits, cache = engine.prefill_prompts(prompts, n, key_p, sampling,
+                                                  adapter_ids=ids)
     np.asarray(first)  # on the host: the first token is out
     t1 = time.perf_counter()
     nbytes, shape = cache.nbytes, (cache.batch, cache.max_len)
@@ -195,18 +239,24 @@ def run(args) -> None:
             raise ValueError(f"--prompt {text!r} encodes to no tokens")
     sampling = None if args.temperature == 0 else Sampling(args.temperature, args.top_k,
                                                            args.top_p, args.min_p)
-    engine = Engine(lm, max_len=args.max_len or lm.cfg.max_position, mesh=mesh)
+    ids = adapter_ids(args)
+    max_len = args.max_len or lm.cfg.max_position
+    if ids is not None and len(args.adapter) == 1 and set(ids) == {0}:
+        from jaxlm.model.io.peft import load_peft
+        lm, ids = load_peft(lm, args.adapter[0]), None  # one adapter: on the model itself
+    adapters = args.adapter if ids is not None else None
+    engine = Engine(lm, max_len=max_len, mesh=mesh, adapters=adapters, merge=args.merge)
     del lm  # the engine holds its own per-layer copy of the weights
-    engine.check(prompts, args.max_new_tokens, stops)
+    engine.check(prompts, args.max_new_tokens, stops, ids)
     if args.bench:
-        bench(engine, prompts, args, sampling, stops)
+        bench(engine, prompts, args, sampling, stops, ids)
     elif len(prompts) == 1:
         if tokenizer is not None and args.prompt:
             sys.stdout.write(args.prompt[0])
-        stream_one(engine, tokenizer, prompts[0], args, sampling, stops)
+        stream_one(engine, tokenizer, prompts[0], args, sampling, stops, ids)
     else:
         outs = engine.generate(prompts, max_new_tokens=args.max_new_tokens, sampling=sampling,
-                               seed=args.seed, stop_tokens=stops)
+                               seed=args.seed, stop_tokens=stops, adapter_ids=ids)
         for i, (p, out) in enumerate(zip(prompts, outs)):
             print(f"--- [{i}]\n{_text(tokenizer, p)}{_text(tokenizer, out)}")
 

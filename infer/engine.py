@@ -16,6 +16,9 @@ Built from these pieces (each usable on its own):
     is how the CLI streams; the batch API calls it once.
   * prefix caching (infer/prefix.py): rows that start with a stored prefix get its K/V
     copied in and prefill only their suffix.
+  * adapters (infer/adapters.py): the adapter `lm` carries (optionally merged), or
+    `adapters=[...]` that each row picks from with `adapter_ids` (LoRA, bottleneck and
+    prefix adapters and the base in one batch, one compiled program for any mix).
 
 Stop tokens: a row stops after emitting one; the stop token is included in its output.
 """
@@ -31,12 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxlm.model.cache import slot_axis
+from jaxlm.model.sharding import replicated as replicated_on
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling, sample
 
+from .adapters import prepare, row_adapters, with_adapters
 from .cache import DecodeCache, round_up
 from .forward import LayerGraphs, LayerWeights, forward, replicated, split_model
-from .prefix import PrefixCache
+from .prefix import PrefixCache, fill_rows
 
 PAD = -1        # written after a row is done; never returned
 
@@ -155,27 +161,58 @@ class Engine:
     model's max_position for learned position tables, else unlimited.
     mesh: shard weights by the logical-axis rules and the cache over rows and kv heads
     (jaxlm.model.sharding.make_mesh); the jitted steps then run as one SPMD program.
+    adapters: adapted models (one adapter each, over lm's base) or PEFT directories
+    (loaded onto a view of lm); requests then take `adapter_ids`, one per prompt, indexing
+    this list (-1 or None: the base). Without it, an adapter lm carries serves every row;
+    merge=True folds its LoRA into (the engine's copy of) the weights. See infer/adapters.py.
     """
 
     def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, adapters=None, merge: bool = False):
         self.cfg = lm.cfg
-        self.graphs, self.weights = split_model(lm, mesh)
+        served, self.served = prepare(lm, adapters, merge,
+                                      jnp.dtype(cache_dtype or lm.cfg.dtype), slot_axis(lm.cfg),
+                                      None if mesh is None else replicated_on(mesh))
+        self.graphs, self.weights = split_model(served, mesh)
         if max_len is None and self.cfg.position == "learned":
             max_len = self.cfg.max_position
         if max_len is not None and max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len}")
         self.max_len = max_len
         self.cache_dtype = cache_dtype
-        self.prefixes = PrefixCache(self)
+        self.prefixes = PrefixCache(self)      # rows of the engine's own model (id -1)
+        self._prefix_caches = {-1: self.prefixes}
 
     # Pieces --------------------------------------------------------------------------
     @property
     def mesh(self) -> Mesh | None:
         return self.graphs.mesh
 
-    def new_cache(self, batch: int, max_len: int) -> DecodeCache:
-        return DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype, self.mesh)
+    @property
+    def n_adapters(self) -> int:
+        """How many adapters rows may choose among (0: only the engine's own model)."""
+        return self.served.n
+
+    def virtual_tokens(self, adapter_id: int = -1) -> int:
+        """Cache slots a row of this adapter starts with: its prefix's P, else 0."""
+        return self.served.virtual_tokens(adapter_id)
+
+    def prefixes_for(self, adapter_id: int = -1) -> PrefixCache:
+        """The stored prefixes of rows that use this adapter (each adapter has its own)."""
+        row_adapters(self.served, [adapter_id], 1)
+        if adapter_id not in self._prefix_caches:
+            self._prefix_caches[adapter_id] = PrefixCache(
+                self, adapter=adapter_id, max_tokens=self.prefixes.max_tokens,
+                min_shared=self.prefixes.min_shared)
+        return self._prefix_caches[adapter_id]
+
+    def new_cache(self, batch: int, max_len: int, adapter_ids=None) -> DecodeCache:
+        """An empty cache, except that rows of a prefix adapter hold its virtual tokens
+        (and rows of stacked adapters carry their ids)."""
+        rows = row_adapters(self.served, adapter_ids, batch)
+        cache = DecodeCache.create(self.cfg, batch, max_len, self.cache_dtype, self.mesh)
+        return with_adapters(cache, self.served, rows,
+                             None if self.mesh is None else replicated_on(self.mesh))
 
     def _on_mesh(self):
         """The mesh in context while tracing, so MoE layers run expert-parallel."""
@@ -204,52 +241,71 @@ class Engine:
                            sampling)
 
     # Whole requests ------------------------------------------------------------------
-    def check(self, prompts, max_new_tokens: int, stop_tokens=()) -> list[list[int]]:
+    def check(self, prompts, max_new_tokens: int, stop_tokens=(),
+              adapter_ids=None) -> list[list[int]]:
         """Validate a request (ValueError naming what is wrong); the prompts as int lists."""
         if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
         prompts = _check_prompts(prompts, self.cfg.vocab_size)
         _check_stop_tokens(stop_tokens, self.cfg.vocab_size)
-        longest = max(len(p) for p in prompts)
+        rows = row_adapters(self.served, adapter_ids, len(prompts))
+        longest, virtual = max((len(p) + self.virtual_tokens(a), self.virtual_tokens(a))
+                               for p, a in zip(prompts, rows))
         if self.max_len is not None and longest + max_new_tokens - 1 > self.max_len:
+            what = f" (with the adapter's {virtual} prefix tokens)" if virtual else ""
             raise ValueError(
-                f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} needs "
+                f"prompt of {longest} tokens{what} + max_new_tokens={max_new_tokens} needs "
                 f"{longest + max_new_tokens - 1} cache slots but the cache holds "
                 f"max_len={self.max_len}; shorten the prompt or ask for fewer tokens")
         return prompts
 
     def prefill_prompts(self, prompts: list[list[int]], max_new_tokens: int, key,
-                        sampling=None, prefix_cache: bool = False):
-        """Allocate the cache, copy in cached prefixes, prefill the rest of every prompt.
-        Returns (first tokens [b], their logits [b,v], cache)."""
-        matches = self.prefixes.plan(prompts) if prefix_cache else [None] * len(prompts)
-        starts = [0 if m is None else m.length for m in matches]
-        suffixes = [p[s:] for p, s in zip(prompts, starts)]
+                        sampling=None, prefix_cache: bool = False, adapter_ids=None):
+        """Allocate the cache (adapters' prefixes in their rows), copy in cached prefixes,
+        prefill the rest of every prompt. Returns (first tokens [b], their logits [b,v],
+        cache)."""
+        rows = row_adapters(self.served, adapter_ids, len(prompts))
+        virtual = [self.virtual_tokens(a) for a in rows]
+        matches = self._plan(prompts, rows) if prefix_cache else [None] * len(prompts)
+        skip = [0 if m is None else m.length for m in matches]
+        suffixes = [p[s:] for p, s in zip(prompts, skip)]
         t = round_up(max(len(s) for s in suffixes))
         # Real tokens need len + max_new - 1 slots; padded writes (suffix prefill, prefix
         # copies) need room too, since dynamic_update_slice would clamp, not drop, them.
-        slots = max(max(len(p) for p in prompts) + max_new_tokens - 1, max(starts) + t,
+        slots = max(max(v + len(p) for v, p in zip(virtual, prompts)) + max_new_tokens - 1,
+                    max(v + s for v, s in zip(virtual, skip)) + t,
                     max((m.slots for m in matches if m is not None), default=0))
-        cache = self.new_cache(len(prompts), round_up(slots))
+        cache = self.new_cache(len(prompts), round_up(slots), rows)
         if prefix_cache:
-            cache = self.prefixes.fill(cache, matches)
+            cache = fill_rows(cache, matches)
         tokens = np.zeros((len(prompts), t), np.int32)
         for i, s in enumerate(suffixes):
             tokens[i, :len(s)] = s
         return self.prefill(tokens, [len(s) for s in suffixes], cache, key, sampling)
 
+    def _plan(self, prompts, rows):
+        """Each prompt's stored prefix, looked up among its own adapter's prefixes."""
+        matches = [None] * len(prompts)
+        for adapter in sorted(set(rows)):
+            idx = [i for i, a in enumerate(rows) if a == adapter]
+            found = self.prefixes_for(adapter).plan([prompts[i] for i in idx])
+            for i, m in zip(idx, found):
+                matches[i] = m
+        return matches
+
     def generate(self, prompts, *, max_new_tokens: int, sampling: Sampling | None = None,
                  seed: int = 0, stop_tokens=(), prefix_cache: bool = False,
-                 record_logits: bool = False):
+                 record_logits: bool = False, adapter_ids=None):
         """New tokens of each prompt (a stop token, when hit, is the last one returned).
 
         prefix_cache: reuse the K/V of prefixes stored in `self.prefixes` (and store the
         longest prefix shared by several prompts of this batch) instead of recomputing
-        it. record_logits: also return the per-step logits [b, max_new_tokens, v]."""
-        prompts = self.check(prompts, max_new_tokens, stop_tokens)
+        it. record_logits: also return the per-step logits [b, max_new_tokens, v].
+        adapter_ids: each prompt's adapter (an index into `adapters`; -1 or None: base)."""
+        prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
-                                                    sampling, prefix_cache)
+                                                    sampling, prefix_cache, adapter_ids)
         state = self.start(first, logits, decode_key, max_new_tokens=max_new_tokens,
                            stop_tokens=stop_tokens, record_logits=record_logits)
         state, cache = self.decode(state, cache, stop_tokens=stop_tokens, sampling=sampling)
@@ -258,16 +314,16 @@ class Engine:
         return (out, np.asarray(state.logits)) if record_logits else out
 
     def stream(self, prompts, *, max_new_tokens: int, sampling: Sampling | None = None,
-               seed: int = 0, stop_tokens=(), chunk: int = 8,
-               prefix_cache: bool = False) -> Iterator[list[list[int]]]:
+               seed: int = 0, stop_tokens=(), chunk: int = 8, prefix_cache: bool = False,
+               adapter_ids=None) -> Iterator[list[list[int]]]:
         """Like generate, but yields each row's newly produced tokens every `chunk` steps
         (the same jitted loop, stopped and resumed)."""
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
-        prompts = self.check(prompts, max_new_tokens, stop_tokens)
+        prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
-                                                    sampling, prefix_cache)
+                                                    sampling, prefix_cache, adapter_ids)
         state = self.start(first, logits, decode_key, max_new_tokens=max_new_tokens,
                            stop_tokens=stop_tokens)
         sent, previous = np.zeros(len(prompts), np.int64), -1
@@ -285,12 +341,15 @@ class Engine:
 
 def generate(lm: CausalLM | Engine, prompts: list[list[int]], *, max_new_tokens: int,
              sampling: Sampling | None = None, seed: int = 0, stop_tokens=(),
-             prefix_cache: bool = False) -> list[list[int]]:
+             prefix_cache: bool = False, adapter_ids=None) -> list[list[int]]:
     """The new tokens (not the prompt) of each prompt, generated as one batch.
 
     sampling=None is greedy; the same seed gives the same tokens. A row stops after its
     first stop token (which is returned) or after max_new_tokens. Pass an Engine instead
-    of a CausalLM to keep its compiled steps' inputs and its prefix cache across calls."""
+    of a CausalLM to keep its compiled steps' inputs and its prefix cache across calls
+    (and for `adapter_ids`, an Engine built with adapters=[...]). A CausalLM carrying an
+    adapter generates with it."""
     engine = lm if isinstance(lm, Engine) else Engine(lm)
     return engine.generate(prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                           seed=seed, stop_tokens=stop_tokens, prefix_cache=prefix_cache)
+                           seed=seed, stop_tokens=stop_tokens, prefix_cache=prefix_cache,
+                           adapter_ids=adapter_ids)

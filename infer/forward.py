@@ -27,6 +27,7 @@ from jax.sharding import Mesh
 from jaxlm.model import sharding
 from jaxlm.model.build import split_layers
 from jaxlm.model.config import Config
+from jaxlm.model.peft import PeftInputs
 from jaxlm.model.transformer import CausalLM
 
 from .cache import DecodeCache, cache_sharding
@@ -79,10 +80,12 @@ def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCac
     last: None → logits for every position [b,t,v]; an int array [b] → only the hidden
     state at index last[b] goes through the head, giving [b,1,v] (prefill needs one row's
     last real token, and the head over every padded position would cost more than it).
+    Rows of a cache with `peft_ids` run their own stacked adapter in every Block.
     Returns (logits, cache with lengths + t)."""
     lm = nnx.merge(graphs.outer, weights.outer)
     t = tokens.shape[1]
     starts = cache.lengths
+    peft = None if cache.peft_ids is None else PeftInputs(ids=cache.peft_ids)
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)
     x = lm.embed_inputs(tokens, positions)
     rope, alibi = lm.position_signals(positions)
@@ -90,11 +93,13 @@ def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCac
     for i, (graph, state, kv) in enumerate(zip(graphs.layers, weights.layers, cache.layers)):
         with jax.named_scope(f"layer{i}"):
             block = nnx.merge(graph, state)
-            x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, starts=starts)
+            x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, starts=starts,
+                             peft=peft)
         if graphs.mesh is not None:  # keep the cache where it was created (and donated)
             kv = tuple(jax.lax.with_sharding_constraint(
                 buf, cache_sharding(graphs.mesh, buf, cache.slot_axis)) for buf in kv)
         new_layers.append(kv)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
-    return lm.head(x), DecodeCache(tuple(new_layers), starts + t, cache.slot_axis)
+    return lm.head(x, peft), DecodeCache(tuple(new_layers), starts + t, cache.slot_axis,
+                                   cache.peft_ids)

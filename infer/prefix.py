@@ -12,6 +12,12 @@ The K/V at position j depends only on tokens 0..j, so a prefix's K/V computed al
 those of a full prefill: outputs are identical with and without the cache (tested). A
 match always leaves at least one token to prefill, whose logits give the first new token.
 Entries are evicted least-recently-used once they hold more than `max_tokens` tokens.
+
+Adapters: a row's K/V depend on its adapter, so each adapter id has its own PrefixCache
+(`engine.prefixes_for(id)`; `engine.prefixes` is id -1, the engine's own model) and a row
+only reuses prefixes computed under its adapter. An entry of a prefix-tuning adapter
+starts with that adapter's P virtual tokens (slots 0..P-1), its tokens at P.., so copying
+it sets up the row whole.
 """
 from __future__ import annotations
 
@@ -29,12 +35,18 @@ from .cache import DecodeCache, round_up
 @dataclasses.dataclass
 class Prefix:
     tokens: tuple[int, ...]
-    layers: tuple        # per layer: buffers of one row (slots = length rounded up)
+    layers: tuple        # per layer: buffers of one row (slots = filled rounded up)
     slot_axis: int       # as DecodeCache.slot_axis
+    offset: int = 0      # the adapter's virtual prefix tokens before `tokens`
 
     @property
     def length(self) -> int:
         return len(self.tokens)
+
+    @property
+    def filled(self) -> int:
+        """A row's cache length once this entry is copied in."""
+        return self.offset + self.length
 
     @property
     def slots(self) -> int:
@@ -52,12 +64,15 @@ def _copy_into_rows(cache: DecodeCache, layers, rows, length):
         return buf.at[first].set(jnp.where(mask, pre.astype(buf.dtype), buf[first]))
     new = tuple(tuple(put(b, p) for b, p in zip(layer, pre))
                 for layer, pre in zip(cache.layers, layers))
-    return DecodeCache(new, jnp.where(rows, length, cache.lengths), cache.slot_axis)
+    return DecodeCache(new, jnp.where(rows, length, cache.lengths), cache.slot_axis,
+                       cache.peft_ids)
 
 
 class PrefixCache:
-    def __init__(self, engine, *, max_tokens: int = 1 << 16, min_shared: int = 16):
+    def __init__(self, engine, *, adapter: int = -1, max_tokens: int = 1 << 16,
+                 min_shared: int = 16):
         self.engine = engine
+        self.adapter = adapter   # the adapter id whose rows these prefixes serve
         self.max_tokens = max_tokens
         self.min_shared = min_shared
         self.entries: collections.OrderedDict[tuple[int, ...], Prefix] = \
@@ -74,16 +89,18 @@ class PrefixCache:
         tokens = tuple(int(t) for t in tokens)
         if not tokens:
             raise ValueError("a cached prefix needs at least one token")
-        self.engine.check([list(tokens)], 1)
+        ids = None if self.adapter == -1 else [self.adapter]
+        self.engine.check([list(tokens)], 1, adapter_ids=ids)
         if tokens in self.entries:
             self.entries.move_to_end(tokens)
             return self.entries[tokens]
-        slots = round_up(len(tokens))
-        padded = np.zeros((1, slots), np.int32)
+        offset = self.engine.virtual_tokens(self.adapter)
+        width = round_up(len(tokens))
+        padded = np.zeros((1, width), np.int32)
         padded[0, :len(tokens)] = tokens
-        cache = self.engine.new_cache(1, slots)
+        cache = self.engine.new_cache(1, round_up(offset + width), ids)
         _, _, cache = self.engine.prefill(padded, [len(tokens)], cache, jax.random.key(0))
-        entry = Prefix(tokens, cache.layers, cache.slot_axis)
+        entry = Prefix(tokens, cache.layers, cache.slot_axis, offset)
         self.entries[tokens] = entry
         self._evict()
         return entry
@@ -124,8 +141,12 @@ class PrefixCache:
         return [self.match(p) for p in prompts]
 
     def fill(self, cache: DecodeCache, matches: list[Prefix | None]) -> DecodeCache:
-        """Copy each matched prefix into its rows (one call per distinct prefix)."""
-        for entry in {id(m): m for m in matches if m is not None}.values():
-            rows = jnp.asarray([m is entry for m in matches])
-            cache = _copy_into_rows(cache, entry.layers, rows, jnp.int32(entry.length))
-        return cache
+        return fill_rows(cache, matches)
+
+
+def fill_rows(cache: DecodeCache, matches: list[Prefix | None]) -> DecodeCache:
+    """Copy each matched prefix into its rows (one call per distinct prefix)."""
+    for entry in {id(m): m for m in matches if m is not None}.values():
+        rows = jnp.asarray([m is entry for m in matches])
+        cache = _copy_into_rows(cache, entry.layers, rows, jnp.int32(entry.filled))
+    return cache
