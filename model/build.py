@@ -92,6 +92,8 @@ class SplitModel:
                                                                      nnx.Param, ...)
         self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         self.params = state.to_pure_dict()
+        # LoRA dropout needs a key per step (jaxlm.model.peft.LoRA.dropout)
+        self.uses_dropout = any(getattr(m, "dropout", 0) for _, m in nnx.iter_modules(lm))
 
     @classmethod
     def create(cls, cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> "SplitModel":

@@ -9,23 +9,55 @@ from jaxlm.model import Config
 from jaxlm.model.io.runs import read_run_file
 
 from .config import RESUME_MAY_CHANGE, TrainConfig, help_text, model_config, parse_overrides
+from .finetune import INIT_MAY_CHANGE
 from .loop import TrainingDiverged, default_run_dir, newest_run, train
 
 
 def resolve(argv: list[str]):
-    """argv → (TrainConfig, model Config, step to resume from or None, whether the
-    vocabulary size follows the tokenizer)."""
+    """argv → (TrainConfig, model Config (None: the --init base's), step to resume from or
+    None, whether the vocabulary size follows the tokenizer, the base's compute dtype)."""
     train_over, model_over = parse_overrides(argv)
+    if train_over.get("init") and not train_over.get("resume"):
+        tcfg, cfg, step, dtype = _init(train_over, model_over)
+        return tcfg, cfg, step, False, dtype
     if not train_over.get("resume"):
         tcfg = TrainConfig(**train_over)
         run_dir = tcfg.run_dir or default_run_dir(tcfg.preset)
-        if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
-                os.path.join(run_dir, "checkpoints")):
-            raise ValueError(f"--run_dir {run_dir!r} already holds checkpoints; add --resume "
-                             f"to continue it, or choose another --run_dir")
+        _refuse_existing(run_dir)
         return tcfg.replace(run_dir=run_dir), model_config(tcfg, model_over), None, \
-            "vocab_size" not in model_over
-    return (*_resume(train_over, model_over), False)
+            "vocab_size" not in model_over, None
+    return (*_resume(train_over, model_over), False, None)
+
+
+def _init(train_over: dict, model_over: dict):
+    """A fine-tuning run: the model and the tokenizer are the base's (a preset or a model
+    field that would change it is refused); the compute dtype may change."""
+    from jaxlm.model.io.base_ref import base_config, base_kind, base_tokenizer
+    from jaxlm.model.peft import check_attachable
+    for name in ("preset", "tokenizer"):
+        if name in train_over:
+            raise ValueError(f"--{name} cannot be set with --init: the base brings its own "
+                             f"model and tokenizer")
+    fixed = sorted(set(model_over) - INIT_MAY_CHANGE)
+    if fixed:
+        raise ValueError(f"--model.{fixed[0]} cannot be set with --init: the base's config "
+                         f"is its weights' (only --model.dtype may change)")
+    path = train_over["init"]
+    kind = base_kind(path)
+    tcfg = TrainConfig(**{**train_over, "tokenizer": base_tokenizer(path, kind)})
+    if tcfg.peft:     # targets that match nothing etc. fail now, before anything is written
+        check_attachable(base_config(path, kind), tcfg.peft_spec())
+    name = "ft-" + os.path.basename(os.path.normpath(path))
+    run_dir = tcfg.run_dir or default_run_dir(name)
+    _refuse_existing(run_dir)
+    return tcfg.replace(run_dir=run_dir), None, None, model_over.get("dtype")
+
+
+def _refuse_existing(run_dir: str) -> None:
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")) and os.listdir(
+            os.path.join(run_dir, "checkpoints")):
+        raise ValueError(f"--run_dir {run_dir!r} already holds checkpoints; add --resume "
+                         f"to continue it, or choose another --run_dir")
 
 
 def _resume(train_over: dict, model_over: dict):
@@ -84,13 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     use_compilation_cache()
     try:
         join_processes(argv)
-        tcfg, cfg, resume_step, vocab_from_tokenizer = resolve(argv)
+        tcfg, cfg, resume_step, vocab_from_tokenizer, base_dtype = resolve(argv)
         if resume_step is not None and resume_step >= tcfg.steps:
             print(f"{tcfg.run_dir} is already at step {resume_step} of {tcfg.steps}; raise "
                   f"--steps to train further", file=sys.stderr)
             return 0
         summary = train(tcfg, cfg, resume_step=resume_step,
-                        vocab_from_tokenizer=vocab_from_tokenizer)
+                        vocab_from_tokenizer=vocab_from_tokenizer, base_dtype=base_dtype)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -107,6 +139,9 @@ def report(s: dict) -> None:
     lines = [f"trained {s['steps']} steps in {s['seconds']:.0f} s: loss {s['first_loss']:.3f}"
              f" → {s['final_loss']:.3f}" if s["first_loss"] is not None else
              f"nothing left to train ({s['steps']} steps)"]
+    if s.get("base_val_loss") is not None:
+        lines.append(f"base model's validation loss {s['base_val_loss']:.4f} (before "
+                     f"fine-tuning)")
     if s["val_loss"] is not None:
         lines.append(f"validation loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.3f}")
     lines.append(f"speed {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of a measured "

@@ -23,6 +23,11 @@ from jaxlm.model import PRESETS, Config
 class TrainConfig:
     # What to train ---------------------------------------------------------------
     preset: str = "tiny"             # a key of jaxlm.model.PRESETS; --model.FIELD refines it
+    init: str = ""                   # start from this base instead: an HF model directory or
+                                     # a jaxlm run directory (its config and tokenizer)
+    peft: str = ""                   # with --init: train only an adapter, e.g.
+                                     # lora:r=8,alpha=16,targets=q_proj,v_proj | prefix:tokens=16
+                                     # | adapter:dim=32 (jaxlm.model.peft.parse_spec)
     corpus: str = "stdlib"           # "stdlib", a text file, a folder, a .jsonl, or .bin tokens
     tokenizer: str = "byte"          # "byte", "bpe:N" (train N tokens), or a tokenizer.json path
     jsonl_field: str = "text"        # the JSONL key holding each document's text
@@ -104,6 +109,25 @@ class TrainConfig:
         if self.bin_dtype not in ("uint16", "uint32"):
             bad("bin_dtype", f"{self.bin_dtype!r} is not uint16 or uint32")
         self.aux_weights()  # parse errors surface now, not mid-run
+        if self.peft:
+            if not self.init:
+                bad("peft", "adapters are trained on a base model; add --init PATH (an HF "
+                            "directory or a jaxlm run)")
+            try:
+                self.peft_spec()
+            except ValueError as e:
+                raise ValueError(str(e) if str(e).startswith("--peft") else
+                                 f"--peft {self.peft!r}: {e}") from None
+            if self.mesh:
+                bad("peft", "adapter training on a --mesh is not supported yet; train on "
+                            "one device")
+
+    def peft_spec(self):
+        """The parsed --peft spec (None without one)."""
+        if not self.peft:
+            return None
+        from jaxlm.model.peft import parse_spec
+        return parse_spec(self.peft)
 
     def aux_weights(self) -> dict[str, float]:
         """The per-entry aux-loss weights given by aux_loss_weights."""

@@ -20,6 +20,7 @@ exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
+import ast
 import glob
 import json
 import os
@@ -64,10 +65,26 @@ def _held_out(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode()) % 10_000 < val_fraction * 10_000
 
 
-def _split_files(files: list[str], root: str, val_fraction: float) -> Corpus:
+def docstrings(path: str) -> str | None:
+    """The docstrings of a Python file's module, classes and functions, in source order,
+    one paragraph each: English prose about code, a different text from the code itself
+    (the `stdlib-docs` corpus, for fine-tuning a model trained on `stdlib`)."""
+    source = _read_text(path)
+    if source is None:
+        return None
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):  # the stdlib's deliberately broken test files
+        return None
+    kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+    docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    return "\n\n".join(d for d in docs if d) or None
+
+
+def _split_files(files: list[str], root: str, val_fraction: float, read=None) -> Corpus:
     train, val = [], []
     for f in files:
-        text = _read_text(f)
+        text = (read or _read_text)(f)
         if text:
             (val if _held_out(os.path.relpath(f, root), val_fraction) else train).append(text)
     return Corpus(root, train, val)
@@ -92,15 +109,19 @@ def _tail_split(items, val_fraction: float):
 
 def load_corpus(spec: str, val_fraction: float = 0.05, jsonl_field: str = "text",
                 bin_dtype: str = "uint16") -> Corpus:
-    """'stdlib', a folder (every UTF-8 text file under it), a .jsonl (one JSON object per
+    """'stdlib', 'stdlib-docs' (the stdlib's docstrings), a folder (every UTF-8 text file
+    under it), a .jsonl (one JSON object per
     line), a .bin of tokens, or any other file as one text. Raises ValueError when the
     corpus is missing or unreadable."""
     if spec == "stdlib":
         files = stdlib_files()
         return _split_files(files, sysconfig.get_paths()["stdlib"], val_fraction)
+    if spec == "stdlib-docs":
+        return _split_files(stdlib_files(), sysconfig.get_paths()["stdlib"], val_fraction,
+                            read=docstrings)
     if not os.path.exists(spec):
         raise ValueError(f"--corpus {spec!r}: no such file or folder (give a text file, a "
-                         f"folder, a .jsonl, a .bin of tokens, or 'stdlib')")
+                         f"folder, a .jsonl, a .bin of tokens, 'stdlib' or 'stdlib-docs')")
     if os.path.isdir(spec):
         bins = [os.path.join(spec, f"{s}.bin") for s in ("train", "val")]
         if all(os.path.isfile(b) for b in bins):  # nanoGPT's layout: train.bin + val.bin

@@ -16,13 +16,16 @@ import jax
 import numpy as np
 
 from jaxlm.model import Config
-from jaxlm.model.io.runs import write_run_file
+from jaxlm.model import peft
 from jaxlm.model.build import SplitModel
+from jaxlm.model.io.base_ref import load_base
+from jaxlm.model.io.runs import read_run_file, write_run_file
 from jaxlm.model.sharding import make_mesh
 
 from . import data as D
 from .checkpoint import Checkpointer
 from .config import TrainConfig
+from .finetune import save_adapter
 from .report import MetricsLog, Progress, Throughput, measure_matmul_peak, plot_losses
 from .sample import generate_text
 from .step import (count_params, flops_per_token, init_state, make_eval_step,
@@ -65,8 +68,10 @@ def _finite(*xs) -> bool:
     return all(math.isfinite(float(x)) for x in xs)
 
 
-def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_tokenizer: bool):
-    """(cfg with its final vocab_size, tokenizer, train stream, val stream); writes run.json."""
+def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_tokenizer: bool,
+                 **run_file_extra):
+    """(cfg with its final vocab_size, tokenizer, train stream, val stream); writes run.json
+    (with run_file_extra: an adapter run's spec and base reference)."""
     corpus = D.load_corpus(tcfg.corpus, tcfg.val_fraction, tcfg.jsonl_field, tcfg.bin_dtype)
     tokenizer, tok_spec = D.make_tokenizer(tcfg.tokenizer, corpus.train, tcfg.run_dir,
                                            resume=resuming)
@@ -81,13 +86,21 @@ def prepare_data(tcfg: TrainConfig, cfg: Config, resuming: bool, vocab_from_toke
     D.check_vocab(val_stream, cfg.vocab_size, "the validation split")
     write_run_file(tcfg.run_dir, cfg, tok_spec, train=tcfg.to_dict(),
                    corpus={"name": corpus.name, "train_tokens": len(train_stream),
-                           "val_tokens": len(val_stream)})
+                           "val_tokens": len(val_stream)}, **run_file_extra)
     return cfg, tokenizer, train_stream, val_stream
 
 
-def build(tcfg: TrainConfig, cfg: Config, mesh=None):
-    """(SplitModel, optimizer, initial TrainState), born sharded over the mesh when given."""
-    model = SplitModel.create(cfg, tcfg.seed, mesh)
+def build(tcfg: TrainConfig, cfg: Config, mesh=None, base=None):
+    """(SplitModel, optimizer, initial TrainState), born sharded over the mesh when given.
+    base: a loaded model to fine-tune (all of it, or with --peft an adapter attached to it,
+    the base frozen)."""
+    if base is None:
+        model = SplitModel.create(cfg, tcfg.seed, mesh)
+    elif tcfg.peft:
+        model = SplitModel(peft.attach(base, tcfg.peft_spec(), seed=tcfg.seed),
+                           trainable=peft.Adapter)
+    else:
+        model = SplitModel(base)
     optimizer = make_optimizer(tcfg, model.params)
     state = init_state(tcfg, cfg, model.params, optimizer, mesh, model.rest.to_pure_dict())
     # The state owns the variables from here on: the first step donates these arrays.
@@ -95,19 +108,25 @@ def build(tcfg: TrainConfig, cfg: Config, mesh=None):
     return model, optimizer, state
 
 
-def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
-          vocab_from_tokenizer: bool = True, log=print) -> dict:
+def train(tcfg: TrainConfig, cfg: Config | None, *, resume_step: int | None = None,
+          vocab_from_tokenizer: bool = True, log=print, base_dtype: str | None = None) -> dict:
     """Runs (or continues) the training described by tcfg/cfg in tcfg.run_dir.
 
     With vocab_from_tokenizer the model's vocab_size becomes the tokenizer's (a preset's
     128k-row table is waste for 256 byte ids); otherwise it must be at least as large.
+    With tcfg.init the model is that base (cfg None: the base's own; base_dtype its compute
+    dtype), fine-tuned whole or, with tcfg.peft, through an adapter alone.
     Returns a summary dict (final losses, perplexity, sample, speed)."""
     t_start = time.perf_counter()
     os.makedirs(tcfg.run_dir, exist_ok=True)
-    cfg, tokenizer, train_stream, val_stream = prepare_data(
-        tcfg, cfg, resume_step is not None, vocab_from_tokenizer)
     mesh = make_mesh(tcfg.mesh) if tcfg.mesh else None
-    model, optimizer, state = build(tcfg, cfg, mesh)
+    base, extra = None, {}
+    if tcfg.init:
+        base, cfg, extra = _base(tcfg, cfg, resume_step, mesh, base_dtype)
+        vocab_from_tokenizer = False
+    cfg, tokenizer, train_stream, val_stream = prepare_data(
+        tcfg, cfg, resume_step is not None, vocab_from_tokenizer, **extra)
+    model, optimizer, state = build(tcfg, cfg, mesh, base)
     ckpt = Checkpointer(tcfg.run_dir, tcfg.keep)
     it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
     if resume_step is not None:
@@ -126,15 +145,28 @@ def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
     peak = measure_matmul_peak(cfg.dtype)
     if mesh is not None and jax.default_backend() != "cpu":  # emulated CPU devices share cores
         peak *= mesh.size
-    speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len), peak)
+    frozen = None if model.frozen is None else model.frozen.to_pure_dict()
+    speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len,
+                                                        frozen), peak)
+    eval_step = make_eval_step(model, mesh)
+    base_val = None
+    if tcfg.init and resume_step is None and val:  # the base's own loss on this text
+        base_val = evaluate(eval_step, state, val)
+        log(f"base validation loss {base_val:.4f} (perplexity {math.exp(min(base_val, 700)):.3f})")
+    on_save = None
+    if tcfg.peft and lead:
+        on_save = lambda st: save_adapter(  # noqa: E731
+            model.merge(st.params, st.rest), tcfg.run_dir, extra["base"]["path"])
     try:
         state, summary = run_steps(
-            tcfg, make_train_step(model, tcfg, optimizer, mesh), make_eval_step(model, mesh),
+            tcfg, make_train_step(model, tcfg, optimizer, mesh), eval_step,
             state, it, val, ckpt, speed,
-            MetricsLog(tcfg.run_dir, resume_step) if lead else NoLog(), quiet=not lead)
+            MetricsLog(tcfg.run_dir, resume_step) if lead else NoLog(), quiet=not lead,
+            on_save=on_save)
     finally:
         ckpt.close()
-    summary.update(run_dir=tcfg.run_dir, seconds=time.perf_counter() - t_start)
+    summary.update(run_dir=tcfg.run_dir, seconds=time.perf_counter() - t_start,
+                   base_val_loss=base_val)
     if tcfg.plot and lead:
         summary["plot"] = plot_losses(tcfg.run_dir)
     if tcfg.sample_tokens:
@@ -145,8 +177,9 @@ def train(tcfg: TrainConfig, cfg: Config, *, resume_step: int | None = None,
 
 
 def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log,
-              quiet: bool = False):
-    """The loop proper: step, check, report, evaluate, checkpoint. (state, summary)."""
+              quiet: bool = False, on_save=None):
+    """The loop proper: step, check, report, evaluate, checkpoint (and on_save(state):
+    an adapter run's RUN/peft/). (state, summary)."""
     bar = Progress(tcfg.progress, tcfg.steps, int(state.step), quiet)
     sleep = float(os.environ.get("JAXLM_TRAIN_STEP_SLEEP", "0"))
     first_loss = last_loss = val_loss = None
@@ -176,6 +209,8 @@ def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log
                 bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
             if step % tcfg.checkpoint_every == 0 or last:
                 ckpt.save(state, it.get_state())
+                if on_save is not None:
+                    on_save(state)
             if sleep:
                 time.sleep(sleep)
     finally:
@@ -185,6 +220,21 @@ def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log
                    "val_loss": val_loss,
                    "val_ppl": math.exp(val_loss) if val_loss is not None else None,
                    "tokens_per_s": tps, "mfu": mfu, "matmul_peak_flops": speed.peak}
+
+
+def _base(tcfg: TrainConfig, cfg: Config | None, resume_step, mesh, dtype=None):
+    """(the base model, its Config, run.json entries) for --init. A resumed adapter run
+    reloads the base its run.json names, refusing one whose content changed."""
+    run_file = read_run_file(tcfg.run_dir) if resume_step is not None else {}
+    ref = run_file.get("base")
+    if ref is not None:
+        lm, ref = load_base(ref["path"], cfg.dtype, ref.get("step"), mesh, expect=ref["sha256"])
+    else:
+        lm, ref = load_base(tcfg.init, dtype, None, mesh)
+    extra = {"base": ref}
+    if tcfg.peft:
+        extra["peft"] = peft.spec_to_dict(tcfg.peft_spec())
+    return lm, lm.cfg, extra
 
 
 def _diverged(m, step: int, ckpt: Checkpointer, run_dir: str) -> TrainingDiverged:

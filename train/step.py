@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jaxlm.model import Config
 from jaxlm.model import build, sharding
 from jaxlm.model.build import SplitModel
+from jaxlm.model.peft import PeftInputs
 from jaxlm.ops.moe import update_router_bias
 
 from .config import TrainConfig
@@ -165,12 +166,14 @@ def aux_loss(aux: dict, tcfg: TrainConfig):
 
 
 def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_micro,
-               rest=None):
+               rest=None, frozen=None, key=None):
     """This micro-batch's share of the step loss: token sums are divided by the step's
     total token count, so summing micro-batches equals one big batch exactly. Expert
-    loads are divided by the micro-batch count, so the sum is the step's mean load."""
-    lm = model.merge(params, rest)
-    logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"])
+    loads are divided by the micro-batch count, so the sum is the step's mean load.
+    frozen: the base weights of an adapter run; key: LoRA dropout's key (None: none)."""
+    lm = model.merge(params, rest, frozen)
+    logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                        peft=None if key is None else PeftInputs(key=key))
     mask = mb["loss_mask"].astype(jnp.float32)
     ce, lse = token_losses(logits, mb["targets"])
     ce_sum = jnp.sum(ce * mask)
@@ -186,28 +189,34 @@ def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_mic
     return loss, parts
 
 
-def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0, rest=None):
+def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0, rest=None,
+                   frozen=None, key=None):
     """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale. rest:
-    the non-Param variables to run with (default: the model's split-time values)."""
+    the non-Param variables to run with (default: the model's split-time values); frozen:
+    an adapter run's base weights (gradients never reach them); key: LoRA dropout's key
+    (each micro-batch folds in its index)."""
     n_micro = batch["inputs"].shape[0]
     n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
+        jnp.arange(n_micro))
 
-    def one(mb):
+    def one(mb, k):
         def f(p):
-            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro, rest)
+            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro, rest, frozen, k)
             return loss * scale, (loss, parts)
         (_, (loss, parts)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, grads, parts
 
+    first = jax.tree.map(lambda x: x[0], (batch, keys))
     if n_micro == 1:
-        return one(jax.tree.map(lambda x: x[0], batch))
+        return one(*first)
 
-    def body(carry, mb):
-        loss, grads, parts = one(mb)
+    def body(carry, xs):
+        loss, grads, parts = one(*xs)
         return jax.tree.map(jnp.add, carry, (loss, grads, parts)), None
 
-    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, jax.tree.map(lambda x: x[0], batch)))
-    (loss, grads, parts), _ = jax.lax.scan(body, zero, batch)
+    zero = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, *first))
+    (loss, grads, parts), _ = jax.lax.scan(body, zero, (batch, keys))
     return loss, grads, parts
 
 
@@ -232,11 +241,15 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
     mesh in context while tracing (MoE layers then run expert-parallel)."""
     dynamic = uses_loss_scale(tcfg, model.cfg)
     lr_at = schedule(tcfg)
+    dropout = model.uses_dropout
 
-    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch, frozen) -> tuple[TrainState, dict]:
         scale = state.loss_scale if dynamic else jnp.float32(1.0)
+        # LoRA dropout: a key from (seed, step) alone, so a resumed run draws the same masks
+        key = (jax.random.fold_in(jax.random.key(tcfg.seed), state.step) if dropout
+               else None)
         loss, grads, parts = loss_and_grads(model, tcfg, state.params, batch, scale,
-                                            state.rest)
+                                            state.rest, frozen, key)
         load = parts.pop(LOAD, None)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
         grad_norm = optax.global_norm(grads)
@@ -262,16 +275,25 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
         return new, metrics
 
     if mesh is None:
-        return jax.jit(step, donate_argnums=0)
+        return _with_frozen(jax.jit(step, donate_argnums=0), model)
     shardings = (state_shardings(tcfg, model.cfg, optimizer, mesh), sharding.replicated(mesh))
-    return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1)
+    return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1, model)
 
 
-def _on_mesh(jitted, mesh: Mesh, batch_dim: int):
-    """jitted(first, batch) run under the mesh, with the host batch made global first."""
+def _with_frozen(jitted, model: SplitModel):
+    """jitted(first, batch, frozen) as run(first, batch): an adapter run's base weights go
+    in as an argument every call (never traced in as constants, never donated)."""
+    def run(first, batch):
+        return jitted(first, batch, model.frozen)
+    run.jitted = jitted
+    return run
+
+
+def _on_mesh(jitted, mesh: Mesh, batch_dim: int, model: SplitModel):
+    """jitted(first, batch, frozen) run under the mesh, with the host batch made global."""
     def run(first, batch):
         with jax.set_mesh(mesh):
-            return jitted(first, sharding.global_batch(batch, mesh, batch_dim))
+            return jitted(first, sharding.global_batch(batch, mesh, batch_dim), model.frozen)
     run.jitted = jitted  # for lowering/inspection (under jax.set_mesh, on a global batch)
     return run
 
@@ -279,25 +301,31 @@ def _on_mesh(jitted, mesh: Mesh, batch_dim: int):
 def make_eval_step(model: SplitModel, mesh: Mesh | None = None):
     """Jitted (TrainState, batch [b,t]) -> (cross-entropy sum, token count), with the
     state's parameters and router biases."""
-    def evaluate(state: TrainState, batch):
-        lm = model.merge(state.params, state.rest)
+    def evaluate(state: TrainState, batch, frozen):
+        lm = model.merge(state.params, state.rest, frozen)
         logits, _, _ = lm(batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"])
         mask = batch["loss_mask"].astype(jnp.float32)
         ce, _ = token_losses(logits, batch["targets"])
         return jnp.sum(ce * mask), jnp.sum(mask)
     if mesh is None:
-        return jax.jit(evaluate)
-    return _on_mesh(jax.jit(evaluate, out_shardings=sharding.replicated(mesh)), mesh, 0)
+        return _with_frozen(jax.jit(evaluate), model)
+    return _on_mesh(jax.jit(evaluate, out_shardings=sharding.replicated(mesh)), mesh, 0, model)
 
 
-def flops_per_token(cfg: Config, params, seq_len: int) -> float:
+def flops_per_token(cfg: Config, params, seq_len: int, frozen=None) -> float:
     """Training FLOPs per token: 6·N over the weights that multiply (everything but the
     input embedding lookup; a tied LM head counts once more) plus causal attention
     scores and values, 6·l·h·hd·t (half of the full 12·l·h·hd·t; PaLM, App. B).
-    MoE models count every expert here, which overstates their MFU."""
+    frozen: an adapter run's base weights, 4·N (forward and the input gradient; no
+    weight gradient is computed for them). MoE models count every expert here, which
+    overstates their MFU."""
     n = count_params(params, exclude_embeddings=True)
+    n_frozen = 0 if frozen is None else count_params(frozen, exclude_embeddings=True)
     if cfg.tie_embeddings:
-        n += cfg.vocab_size * cfg.d_model
+        if frozen is None:
+            n += cfg.vocab_size * cfg.d_model
+        else:
+            n_frozen += cfg.vocab_size * cfg.d_model
     head_dim = cfg.v_head_dim if cfg.attention == "mla" else cfg.dim_per_head
-    return 6.0 * n + 6.0 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    return 6.0 * n + 4.0 * n_frozen + 6.0 * cfg.n_layers * cfg.n_heads * head_dim * seq_len

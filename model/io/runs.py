@@ -64,6 +64,8 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     With a mesh, orbax restores every variable directly into its shards. A run saved
     before router biases were checkpointed gets their initial values."""
     meta = read_run_file(run_dir)
+    if meta.get("peft"):
+        return _load_adapter_run(run_dir, meta, step, dtype, mesh)
     cfg = Config.from_dict(meta["model"])
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
@@ -89,6 +91,39 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     else:
         rest = initial_non_params(cfg) if split.rest else split.rest
     return (split.merge(restored[PARAMS_ITEM], rest),
+            load_tokenizer(meta["tokenizer"], base_dir=run_dir), step)
+
+
+def latest_step(run_dir: str) -> int:
+    mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
+    steps = mngr.all_steps()
+    mngr.close()
+    if not steps:
+        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
+    return max(steps)
+
+
+def _load_adapter_run(run_dir: str, meta: dict, step, dtype, mesh):
+    """An adapter run: its base (from run.json's reference, checked by content hash) with
+    the trained adapter attached; the checkpoint's params item is the adapter alone."""
+    from .. import peft
+    from .base_ref import load_base
+    ref = meta["base"]
+    base, _ = load_base(ref["path"], dtype or meta["model"].get("dtype"), ref.get("step"),
+                        mesh, expect=ref["sha256"])
+    split = SplitModel(peft.attach(base, peft.spec_from_dict(meta["peft"])),
+                       trainable=peft.Adapter)
+    mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
+    steps = mngr.all_steps()
+    if not steps:
+        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        **{PARAMS_ITEM: ocp.args.StandardRestore(_target(split.params))}))
+    mngr.close()
+    return (split.merge(restored[PARAMS_ITEM]),
             load_tokenizer(meta["tokenizer"], base_dir=run_dir), step)
 
 

@@ -55,7 +55,7 @@ def train_side(mesh):
     lowered = ""
     if mesh is not None:
         with jax.set_mesh(mesh):
-            lowered = step.jitted.lower(state, sharding.global_batch(BATCH, mesh, 1)).as_text()
+            lowered = step.jitted.lower(state, sharding.global_batch(BATCH, mesh, 1), None).as_text()
     new, metrics = step(state, BATCH)
     return model, new, jax.device_get(metrics), lowered
 
