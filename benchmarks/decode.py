@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -31,19 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODEL = dict(vocab_size=32000, hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-             num_key_value_heads=2, intermediate_size=1408, max_position_embeddings=2048)
-
-
-def machine() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"{name}, {os.cpu_count()} cores, jax {jax.__version__}"
-
+from common import MODEL, machine
 
 def bandwidth(reps: int = 5) -> dict[str, float]:
     """Bytes/s of a matrix-vector product and of a sum, both over a 256 MiB float32 array."""

@@ -20,8 +20,9 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from common import train_batch
 
 
 def jaxlm_side(cfg, batch_np, lr):
@@ -35,11 +36,7 @@ def jaxlm_side(cfg, batch_np, lr):
     opt = make_optimizer(tcfg, model.params)
     state = init_state(tcfg, cfg, model.params, opt)
     step = make_train_step(model, tcfg, opt)
-    batch = {"inputs": jnp.asarray(batch_np[None, :, :-1], jnp.int32),
-             "targets": jnp.asarray(batch_np[None, :, 1:], jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
-             "segment_ids": jnp.zeros((1, b, t), jnp.int32),
-             "loss_mask": jnp.ones((1, b, t), bool)}
+    batch = train_batch(batch_np)
     holder = {"state": state}
 
     def run(n):
