@@ -60,6 +60,27 @@ def test_stdlib_corpus_is_deterministic_and_split_by_file():
     assert 0 < len(held) < 0.2 * len(files)
 
 
+def test_stdlib_docs_corpus_holds_each_files_docstrings(monkeypatch, tmp_path):
+    """stdlib-docs: per file, the module's, classes' and functions' docstrings in source
+    order (dedented as Python's inspect.cleandoc does), nothing of the code; a file without
+    docstrings, or one Python cannot parse, gives no document."""
+    import inspect
+    docs = ["Module doc.", "Class doc.\n\n    Second paragraph.", "Method doc.",
+            "Function doc."]
+    (tmp_path / "a.py").write_text(
+        f'"""{docs[0]}"""\nimport os\n\n\nclass C:\n    """{docs[1]}"""\n\n'
+        f'    def m(self):\n        """{docs[2]}"""\n        return 1\n\n\n'
+        f'async def f():\n    """{docs[3]}"""\n    x = "not a docstring"\n')
+    (tmp_path / "b.py").write_text("x = 1\n")
+    (tmp_path / "c.py").write_text('"""Doc."""\ndef broken(:\n')
+    files = sorted(str(p) for p in tmp_path.glob("*.py"))
+    monkeypatch.setattr(D, "stdlib_files", lambda: files)
+    monkeypatch.setattr(D.sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    corpus = D.load_corpus("stdlib-docs", val_fraction=0.0)
+    assert corpus.train == ["\n\n".join(inspect.cleandoc(d) for d in docs)]
+    assert corpus.val == [] and "not a docstring" not in corpus.train[0]
+
+
 def test_text_folder_jsonl_and_bin_corpora(tmp_path):
     text = tmp_path / "one.txt"
     text.write_text("hello world " * 100)

@@ -19,8 +19,8 @@ exactly the batches an uninterrupted one would.
 """
 from __future__ import annotations
 
-import dataclasses
 import ast
+import dataclasses
 import glob
 import json
 import os
@@ -77,7 +77,9 @@ def docstrings(path: str) -> str | None:
     except (SyntaxError, ValueError):  # the stdlib's deliberately broken test files
         return None
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    docs = [ast.get_docstring(node) for node in ast.walk(tree) if isinstance(node, kinds)]
+    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)),  # walk is breadth-first
+                   key=lambda n: getattr(n, "lineno", 0))
+    docs = [ast.get_docstring(node) for node in nodes]
     return "\n\n".join(d for d in docs if d) or None
 
 
@@ -110,9 +112,8 @@ def _tail_split(items, val_fraction: float):
 def load_corpus(spec: str, val_fraction: float = 0.05, jsonl_field: str = "text",
                 bin_dtype: str = "uint16") -> Corpus:
     """'stdlib', 'stdlib-docs' (the stdlib's docstrings), a folder (every UTF-8 text file
-    under it), a .jsonl (one JSON object per
-    line), a .bin of tokens, or any other file as one text. Raises ValueError when the
-    corpus is missing or unreadable."""
+    under it), a .jsonl (one JSON object per line), a .bin of tokens, or any other file as
+    one text. Raises ValueError when the corpus is missing or unreadable."""
     if spec == "stdlib":
         files = stdlib_files()
         return _split_files(files, sysconfig.get_paths()["stdlib"], val_fraction)
