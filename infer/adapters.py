@@ -102,12 +102,11 @@ def _own_variables(lm: CausalLM) -> CausalLM:
 
 def _load(lm: CausalLM, adapter, i: int) -> CausalLM:
     if isinstance(adapter, (str, os.PathLike)):
-        path = os.fspath(adapter)
-        if not os.path.isdir(path):
-            raise ValueError(f"adapter {i}: {path!r} is not a directory; pass a PEFT adapter "
-                             f"directory (adapter_config.json + adapter weights)")
         from jaxlm.model.io.peft import load_peft
-        return load_peft(nnx.merge(*nnx.split(lm)), path)  # a view: lm stays bare
+        try:
+            return load_peft(nnx.merge(*nnx.split(lm)), os.fspath(adapter))  # lm stays bare
+        except ValueError as e:
+            raise ValueError(f"adapter {i}: {e}") from None
     if not isinstance(adapter, CausalLM):
         raise ValueError(f"adapter {i} is a {type(adapter).__name__}; pass a CausalLM with "
                          f"one adapter attached, or a PEFT directory")

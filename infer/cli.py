@@ -112,13 +112,9 @@ def check_args(args) -> None:
     for text in args.prompt_ids or []:
         if not _ids(text, "--prompt-ids"):
             raise ValueError("--prompt-ids is empty; give at least one token id")
+    from jaxlm.model.io.peft import read_peft_config
     for path in args.adapter or []:
-        if not os.path.isdir(path):
-            raise ValueError(f"--adapter {path!r} is not a directory; pass a PEFT adapter "
-                             f"directory")
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise ValueError(f"--adapter {path!r} has no adapter_config.json; is it a PEFT "
-                             f"adapter directory?")
+        read_peft_config(path)   # a directory holding adapter_config.json, before any loading
     adapter_ids(args)
 
 

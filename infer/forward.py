@@ -101,5 +101,5 @@ def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCac
         new_layers.append(kv)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
-    return lm.head(x, peft), DecodeCache(tuple(new_layers), starts + t, cache.slot_axis,
-                                   cache.peft_ids)
+    return lm.head(x, peft), dataclasses.replace(cache, layers=tuple(new_layers),
+                                                 lengths=starts + t)

@@ -64,8 +64,8 @@ def _copy_into_rows(cache: DecodeCache, layers, rows, length):
         return buf.at[first].set(jnp.where(mask, pre.astype(buf.dtype), buf[first]))
     new = tuple(tuple(put(b, p) for b, p in zip(layer, pre))
                 for layer, pre in zip(cache.layers, layers))
-    return DecodeCache(new, jnp.where(rows, length, cache.lengths), cache.slot_axis,
-                       cache.peft_ids)
+    return dataclasses.replace(cache, layers=new, lengths=jnp.where(rows, length,
+                                                                    cache.lengths))
 
 
 class PrefixCache:
@@ -139,9 +139,6 @@ class PrefixCache:
                 (m := self.match(p)) is None or m.length < len(shared) for p in prompts):
             self.add(shared)
         return [self.match(p) for p in prompts]
-
-    def fill(self, cache: DecodeCache, matches: list[Prefix | None]) -> DecodeCache:
-        return fill_rows(cache, matches)
 
 
 def fill_rows(cache: DecodeCache, matches: list[Prefix | None]) -> DecodeCache:

@@ -534,7 +534,7 @@ def attach_stacked(lm, adapted: list):
     skip the module are zero, so each row's delta is exactly its own adapter's. GPT-2's
     fused c_attn keeps one A for q, k and v. Bottleneck adapters likewise (padded to the
     widest; zero weights are the identity). Prefix adapters add no module weights: their
-    keys and values go into their rows' cache (`prefix_kvs`). Only the adapter weights of
+    keys and values go into their rows' cache (jaxlm.infer.adapters). Only the adapter weights of
     `adapted` are read; that they share lm's base is the caller's promise."""
     if adapters_of(lm):
         raise ValueError("attach_stacked needs the base model, with no adapter attached")
@@ -551,11 +551,6 @@ def attach_stacked(lm, adapted: list):
     _stack_loras(lm, adapted)
     _stack_bottlenecks(lm, adapted)
     return lm
-
-
-def prefix_kvs(adapted: list, dtype=jnp.float32) -> list:
-    """Each adapted model's prefix keys and values [L, 2, P, kh, hd], or None (no prefix)."""
-    return [None if m.prefix is None else m.prefix.kv(dtype) for m in adapted]
 
 
 def _check_stackable(cfg: Config, i: int, path, lora: LoRA) -> None:

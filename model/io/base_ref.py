@@ -76,11 +76,10 @@ def load_base(path: str, dtype: str | None = None, step: int | None = None, mesh
         lm = from_hf(path, dtype=dtype, mesh=mesh)
     else:
         from .runs import latest_step, load_run
+        base_config(path, kind)          # refuses an adapter run before loading anything
         step = latest_step(path) if step is None else step
         digest = _checked(path, kind, step, expect)
         lm, _, step = load_run(path, step=step, dtype=dtype, mesh=mesh)
-        if lm.peft_spec is not None:
-            raise ValueError(f"{path!r} is itself an adapter run; use its base as the base")
     return lm, {"path": path, "kind": kind, "step": step, "sha256": digest}
 
 

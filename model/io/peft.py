@@ -164,6 +164,9 @@ def spec_from_peft_config(config: dict) -> peft.Spec:
 
 
 def read_peft_config(path: str) -> dict:
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; pass a PEFT adapter directory "
+                         f"({CONFIG_FILE} + {WEIGHTS_FILE})")
     file = os.path.join(path, CONFIG_FILE)
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} has no {CONFIG_FILE}; is it a PEFT adapter directory?")
@@ -206,15 +209,30 @@ def _check_prefix_config(cfg: Config, config: dict) -> None:
         raise ValueError(f"this prefix adapter was made for another model: {', '.join(bad)}")
 
 
+class _Writes:
+    """New values of adapter variables, built as one float32 copy per variable and
+    written a slice at a time (layer j of a scanned stack, or the whole of it)."""
+
+    def __init__(self):
+        self.values = {}      # id(var) → (var, buffer)
+
+    def put(self, var, j, value) -> None:
+        buf = self.values.setdefault(id(var), (var, np.array(var[...], np.float32)))[1]
+        if j is None:
+            buf[...] = value.reshape(buf.shape)
+        else:
+            buf[j] = value.reshape(buf.shape[1:])
+
+
 def _plan(lm, spec, stored: dict) -> list:
     """[(Variable, new full value)] for every adapter weight, or one ValueError listing
     every missing, unexpected and misshaped tensor."""
-    expected = {}       # tensor name → (shape, setter(value) → list of (var, full value))
+    expected = {}       # tensor name → (shape, put(value, writes))
     if isinstance(spec, peft.LoraSpec):
         _expect_lora(lm, spec, expected)
     elif isinstance(spec, peft.PrefixSpec):
         emb = lm.prefix.embedding
-        expected["prompt_embeddings"] = (emb[...].shape, lambda v: [(emb, v)])
+        expected["prompt_embeddings"] = (emb[...].shape, lambda v, w: w.put(emb, None, v))
     else:
         _expect_bottleneck(lm, spec, expected)
     missing = sorted(set(expected) - set(stored))
@@ -227,59 +245,39 @@ def _plan(lm, spec, stored: dict) -> list:
                 if items]
     if problems:
         raise ValueError("adapter does not match this model: " + "; ".join(problems))
-    updates = {}        # id(var) → (var, full value being built)
+    writes = _Writes()
     for name, (_, put) in expected.items():
-        for var, value in put(np.asarray(stored[name], np.float32)):
-            updates[id(var)] = (var, value)
-    return list(updates.values())
+        put(np.asarray(stored[name], np.float32), writes)
+    return list(writes.values.values())
 
 
 def _expect_lora(lm, spec, expected: dict) -> None:
-    buffers = {}        # one numpy copy per variable, filled layer by layer
-
-    def setter(var, j, shape, transform):
-        def put(value):
-            buf = buffers.setdefault(id(var), np.array(var[...], np.float32))
-            part = transform(value).reshape(shape)
-            if j is None:
-                buf[...] = part
-            else:
-                buf[j] = part
-            return [(var, buf)]
-        return put
-
+    """PEFT's A [r, in] is jaxlm's A [*in, r] flattened and transposed; B [out, r] is
+    the B's of the module's jaxlm LoRAs [r, *out], flattened side by side, transposed."""
     for name, mods in _lora_places(lm, spec):
         first, j = mods[0]
         a_shape = _at(first.a, j).shape
         r = a_shape[-1]
         expected[f"{PREFIX}{name}.lora_A.weight"] = (
-            (r, int(np.prod(a_shape[:-1]))), setter(first.a, j, a_shape, lambda v: v.T))
-        b_shapes = [_at(m.b, jj).shape for m, jj in mods]
-        widths = [int(np.prod(s[1:])) for s in b_shapes]
+            (r, int(np.prod(a_shape[:-1]))),
+            lambda v, w, a=first.a, j=j: w.put(a, j, v.T))
+        widths = [int(np.prod(_at(m.b, jj).shape[1:])) for m, jj in mods]
 
-        def put_b(value, mods=mods, b_shapes=b_shapes, widths=widths):
-            out, start = [], 0
-            for (m, jj), shape, w in zip(mods, b_shapes, widths):
-                part = value[start:start + w]
-                out += setter(m.b, jj, shape, lambda v: v.T)(part)
-                start += w
-            return out
+        def put_b(value, writes, mods=mods, widths=widths):
+            starts = np.cumsum([0, *widths])
+            for (m, jj), lo, hi in zip(mods, starts, starts[1:]):
+                writes.put(m.b, jj, value[lo:hi].T)
         expected[f"{PREFIX}{name}.lora_B.weight"] = ((sum(widths), r), put_b)
 
 
 def _expect_bottleneck(lm, spec, expected: dict) -> None:
-    buffers = {}
     for i, (g, j) in enumerate(layer_slots(lm.cfg)):
         for where in spec.where:
             ad = getattr(lm.blocks[g], f"{where}_adapter")
             for name in ("down", "down_bias", "up", "up_bias"):
                 var = getattr(ad, name)
-
-                def put(value, var=var, j=j):
-                    buf = buffers.setdefault(id(var), np.array(var[...], np.float32))
-                    buf[j] = value
-                    return [(var, buf)]
-                expected[f"layers.{i}.{where}_adapter.{name}"] = (var[...].shape[1:], put)
+                expected[f"layers.{i}.{where}_adapter.{name}"] = (
+                    var[...].shape[1:], lambda v, w, var=var, j=j: w.put(var, j, v))
 
 
 def _detach(lm) -> None:

@@ -70,13 +70,7 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     if dtype is not None:
         cfg = cfg.replace(dtype=dtype)
     mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM, NON_PARAMS_ITEM))
-    steps = mngr.all_steps()
-    if not steps:
-        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
-    if step is None:
-        step = max(steps)
-    elif step not in steps:
-        raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
+    step = _pick_step(mngr, run_dir, step)
     split = SplitModel(abstract_model(cfg))
     sharded = mesh is not None
     targets = {PARAMS_ITEM: _target(split.params, param_shardings(cfg, mesh) if sharded else None)}
@@ -94,13 +88,23 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
             load_tokenizer(meta["tokenizer"], base_dir=run_dir), step)
 
 
+def _pick_step(mngr, run_dir: str, step: int | None) -> int:
+    """`step` (checked to be saved), or the latest saved step."""
+    steps = mngr.all_steps()
+    if not steps:
+        mngr.close()
+        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
+    if step is not None and step not in steps:
+        mngr.close()
+        raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
+    return max(steps) if step is None else step
+
+
 def latest_step(run_dir: str) -> int:
     mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
-    steps = mngr.all_steps()
+    step = _pick_step(mngr, run_dir, None)
     mngr.close()
-    if not steps:
-        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
-    return max(steps)
+    return step
 
 
 def _load_adapter_run(run_dir: str, meta: dict, step, dtype, mesh):
@@ -114,12 +118,7 @@ def _load_adapter_run(run_dir: str, meta: dict, step, dtype, mesh):
     split = SplitModel(peft.attach(base, peft.spec_from_dict(meta["peft"])),
                        trainable=peft.Adapter)
     mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
-    steps = mngr.all_steps()
-    if not steps:
-        raise ValueError(f"{run_dir!r} has no checkpoints yet under {CHECKPOINTS}/")
-    step = max(steps) if step is None else step
-    if step not in steps:
-        raise ValueError(f"step {step} is not in {run_dir!r}; saved steps: {sorted(steps)}")
+    step = _pick_step(mngr, run_dir, step)
     restored = mngr.restore(step, args=ocp.args.Composite(
         **{PARAMS_ITEM: ocp.args.StandardRestore(_target(split.params))}))
     mngr.close()
