@@ -33,3 +33,23 @@ def train_batch(tokens: np.ndarray) -> dict:
             "positions": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (1, b, t)),
             "segment_ids": jnp.zeros((1, b, t), jnp.int32),
             "loss_mask": jnp.ones((1, b, t), bool)}
+
+
+def trainer(model, tokens: np.ndarray, lr: float):
+    """(run(n) → the last loss, the initial TrainState) for jaxlm's jitted train step
+    (AdamW, no warm-up) over a SplitModel on one fixed batch; run blocks until done."""
+    from jaxlm.train.config import TrainConfig
+    from jaxlm.train.step import init_state, make_optimizer, make_train_step
+    b, t = tokens.shape[0], tokens.shape[1] - 1
+    tcfg = TrainConfig(lr=lr, warmup_steps=0, steps=10_000, seq_len=t, batch_size=b)
+    opt = make_optimizer(tcfg, model.params)
+    state = init_state(tcfg, model.cfg, model.params, opt, rest=model.rest.to_pure_dict())
+    step = make_train_step(model, tcfg, opt)
+    batch = train_batch(tokens)
+    holder = {"state": state}
+
+    def run(n):
+        for _ in range(n):
+            holder["state"], m = step(holder["state"], batch)
+        return float(m["loss"])
+    return run, state

@@ -41,7 +41,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE] + [_HERE]
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from common import MODEL, machine, train_batch  # noqa: E402
+from common import MODEL, machine, trainer  # noqa: E402
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RANK, ALPHA = 16, 32
@@ -67,27 +67,14 @@ def jaxlm_step(base_dir: str, tokens: np.ndarray, lora: bool):
     from jaxlm.model import build
     from jaxlm.model import peft as P
     from jaxlm.model.io import from_hf
-    from jaxlm.train.config import TrainConfig
-    from jaxlm.train.step import count_params, init_state, make_optimizer, make_train_step
-    b, t = tokens.shape[0], tokens.shape[1] - 1
+    from jaxlm.train.step import count_params
     lm = from_hf(base_dir)
     if lora:
         lm = P.attach(lm, P.LoraSpec(r=RANK, alpha=ALPHA, targets=TARGETS))
         model = build.SplitModel(lm, trainable=P.Adapter)
     else:
         model = build.SplitModel(lm)
-    cfg = model.cfg
-    tcfg = TrainConfig(lr=1e-3, warmup_steps=0, steps=10_000, seq_len=t, batch_size=b)
-    opt = make_optimizer(tcfg, model.params)
-    state = init_state(tcfg, cfg, model.params, opt, rest=model.rest.to_pure_dict())
-    step = make_train_step(model, tcfg, opt)
-    batch = train_batch(tokens)
-    holder = {"state": state}
-
-    def run(n):
-        for _ in range(n):
-            holder["state"], m = step(holder["state"], batch)
-        return float(m["loss"])
+    run, state = trainer(model, tokens, lr=1e-3)
     return run, nbytes(state.opt_state), count_params(state.params)
 
 

@@ -22,28 +22,14 @@ import time
 import jax
 import numpy as np
 
-from common import train_batch
+from common import trainer
 
 
 def jaxlm_side(cfg, batch_np, lr):
-    from jaxlm.train.config import TrainConfig
     from jaxlm.model.build import SplitModel
-    from jaxlm.train.step import (flops_per_token, init_state, make_optimizer,
-                                  make_train_step)
-    b, t = batch_np.shape[0], batch_np.shape[1] - 1
-    tcfg = TrainConfig(lr=lr, warmup_steps=0, steps=10_000, seq_len=t, batch_size=b)
-    model = SplitModel.create(cfg, 0)
-    opt = make_optimizer(tcfg, model.params)
-    state = init_state(tcfg, cfg, model.params, opt)
-    step = make_train_step(model, tcfg, opt)
-    batch = train_batch(batch_np)
-    holder = {"state": state}
-
-    def run(n):
-        for _ in range(n):
-            holder["state"], m = step(holder["state"], batch)
-        return float(m["loss"])  # blocks until the last step is done
-    return run, flops_per_token(cfg, state.params, t)
+    from jaxlm.train.step import flops_per_token
+    run, state = trainer(SplitModel.create(cfg, 0), batch_np, lr)
+    return run, flops_per_token(cfg, state.params, batch_np.shape[1] - 1)
 
 
 def torch_side(cfg, batch_np, lr, threads):
