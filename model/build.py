@@ -71,6 +71,28 @@ def initial_non_params(cfg: Config):
     return jax.jit(lambda: nnx.split(CausalLM(cfg, nnx.Rngs(0)), nnx.Param, ...)[2])()
 
 
+def with_heads(base: CausalLM, mtp_depth: int, medusa_heads: int, seed: int = 0) -> CausalLM:
+    """base with MTP modules / Medusa heads added (or removed) to these counts: the base's
+    weights as they are, new heads freshly initialised (Medusa LM heads as copies of the
+    base's head). base itself is returned when nothing changes."""
+    cfg = base.cfg.replace(mtp_depth=mtp_depth, medusa_heads=medusa_heads)
+    if cfg == base.cfg:
+        return base
+    from .heads import init_medusa_from_head
+    lm = create(cfg, seed)
+    shared = {p: v for p, v in nnx.to_flat_state(nnx.state(base))
+              if p[0] not in ("mtp", "medusa") or
+              (p[0] == "mtp" and p[1] < mtp_depth) or (p[0] == "medusa" and p[1] < medusa_heads)}
+    nnx.update(lm, nnx.from_flat_state(shared))
+    grown = [i for i in range(medusa_heads) if i >= base.cfg.medusa_heads]
+    if grown:
+        fresh = nnx.merge(*nnx.split(lm))  # copy the base head into the new heads only
+        init_medusa_from_head(fresh)
+        for i in grown:
+            lm.medusa[i].lm_head.kernel[...] = fresh.medusa[i].lm_head.kernel[...]
+    return lm
+
+
 class SplitModel:
     """A CausalLM as a static graph, its parameters as a plain nested dict (what the
     optimizer, gradients and checkpoints hold) and its other variables (`rest`: router

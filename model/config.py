@@ -90,6 +90,9 @@ class Config:
     mlp_only_layers: tuple[int, ...] = ()  # layers kept dense whatever the above say (Qwen)
     moe_dispatch: str = "dropless"         # "dropless" (ragged_dot), "capacity", "dense"
     capacity_factor: float = 1.25
+    # Extra prediction heads (speculative decoding's self-drafting) ------------------
+    mtp_depth: int = 0                     # DeepSeek-V3 multi-token prediction modules (D)
+    medusa_heads: int = 0                  # Medusa heads on the final hidden state (K)
 
     def __post_init__(self):
         def bad(field, why):
@@ -156,6 +159,9 @@ class Config:
                 bad("moe_every", f"must be >= 1, got {self.moe_every}")
             if self.capacity_factor <= 0:
                 bad("capacity_factor", f"must be > 0, got {self.capacity_factor}")
+        for f in ("mtp_depth", "medusa_heads"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                bad(f, f"must be an int >= 0 (0 = none), got {getattr(self, f)!r}")
         if isinstance(self.rope_scaling, dict):  # accept the serialised form
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
 

@@ -19,6 +19,7 @@ from jaxlm import ops
 from .attention import Attention
 from .cache import KVCache, MLACache, create_cache, heads_to_layout, slot_axis, write_layer
 from .config import Config, LayerKind
+from .heads import MedusaHead, MTPModule
 from .layers import MLP, Dense, Embed, Norm, make_param
 from .mla import MLAttention
 from .moe import MoE
@@ -150,6 +151,11 @@ class CausalLM(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense(cfg, (cfg.d_model,), (cfg.vocab_size,), ("embed",), ("vocab",),
                               bias=False, rngs=rngs))
+        # Extra heads (jaxlm.model.heads), made last so the weights above do not depend on them
+        self.mtp = (nnx.List([MTPModule(cfg, rngs) for _ in range(cfg.mtp_depth)])
+                    if cfg.mtp_depth else nnx.data(None))
+        self.medusa = (nnx.List([MedusaHead(cfg, rngs) for _ in range(cfg.medusa_heads)])
+                       if cfg.medusa_heads else nnx.data(None))
         self.prefix = nnx.data(None)  # prefix tuning's virtual tokens (jaxlm.model.peft.Prefix)
         self.peft_spec = None   # the spec of the attached adapter, if any
 
@@ -200,17 +206,36 @@ class CausalLM(nnx.Module):
             return None, ops.alibi_slopes(cfg.n_heads)
         return None, None
 
-    def head(self, x, peft: PeftInputs | None = None):
-        """Final norm and LM head: float32 logits [b,t,v] (soft-capped if configured).
-        peft: inputs of a LoRA on lm_head (row ids, dropout key)."""
+    def final_hidden(self, x):
+        """The final norm: the hidden state the LM head (and MTP/Medusa heads) read."""
+        return _norm(self.final_norm, "final_norm", x)
+
+    def project(self, h, peft: PeftInputs | None = None):
+        """LM head over final hidden states: float32 logits [b,t,v] (soft-capped if
+        configured). peft: inputs of a LoRA on lm_head (row ids, dropout key)."""
         cfg = self.cfg
-        x = _norm(self.final_norm, "final_norm", x)
         with jax.named_scope("lm_head"):
-            logits = self.embed.attend(x) if self.lm_head is None else self.lm_head(x, peft)
+            logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h, peft)
             logits = logits.astype(jnp.float32)
             if cfg.final_softcap is not None:
                 logits = ops.soft_cap(logits, cfg.final_softcap)
             return logits
+
+    def head(self, x, peft: PeftInputs | None = None):
+        """Final norm and LM head: float32 logits [b,t,v]."""
+        return self.project(self.final_hidden(x), peft)
+
+    def mtp_depth_step(self, k: int, h, tokens_ahead, positions, **block_kwargs):
+        """MTP module k (0-based) over h [b,t,d] (h^k) and the tokens k+1 ahead [b,t]:
+        (h^{k+1} [b,t,d], its logits [b,t,v], updated kv). block_kwargs: rope, alibi and
+        the cache arguments, as Block takes them."""
+        module = self.mtp[k]
+        h, kv, _ = module(h, self.embed(tokens_ahead), positions, **block_kwargs)
+        return h, self.project(module.head_norm(h)), kv
+
+    def medusa_logits(self, h):
+        """Every Medusa head's logits over final hidden states h [b,t,d]: [K,b,t,v]."""
+        return jnp.stack([head(h) for head in self.medusa])
 
     def check_inputs(self, tokens, cache, segment_ids=None) -> None:
         """ValueErrors for calls that cannot mean anything."""
@@ -233,6 +258,36 @@ class CausalLM(nnx.Module):
         attached adapters (PeftInputs: a LoRA dropout key in training, row ids of stacked
         adapters). With prefix tuning and no cache, positions count from the P virtual
         tokens (P..), as they do in a cache made by init_cache."""
+        x, cache, aux, _, head_peft = self._trunk(tokens, positions, cache, segment_ids, peft)
+        return Output(self.head(x, head_peft), cache, aux)
+
+    def with_heads(self, tokens, positions=None, *, segment_ids=None,
+                   peft: PeftInputs | None = None):
+        """Training with the extra heads: (logits [b,t,v], aux, mtp [D,b,t,v], medusa
+        [K,b,t,v]). mtp[k] at position i predicts token i+k+2 (the targets k+1 ahead),
+        given the tokens up to i+k+1; medusa[k] predicts the same token from h_i alone.
+        Tokens past the end are 0 and their positions must be masked out of any loss, as
+        must those whose tokens ahead lie in another packed document."""
+        x, _, aux, (positions, rope, alibi), head_peft = self._trunk(
+            tokens, positions, None, segment_ids, peft)
+        h = self.final_hidden(x)
+        logits = self.project(h, head_peft)
+        mtp = medusa = None
+        if self.mtp is not None:
+            per_depth, hk = [], h
+            for k in range(len(self.mtp)):
+                ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
+                hk, lk, _ = self.mtp_depth_step(k, hk, ahead, positions, rope=rope,
+                                                alibi=alibi, segment_ids=segment_ids)
+                per_depth.append(lk)
+            mtp = jnp.stack(per_depth)
+        if self.medusa is not None:
+            medusa = self.medusa_logits(h)
+        return logits, aux, mtp, medusa
+
+    def _trunk(self, tokens, positions, cache, segment_ids, peft):
+        """Embeddings and blocks: (x [b,t,d] before the final norm, cache, aux,
+        (positions, rope, alibi), the head's PeftInputs)."""
         cfg = self.cfg
         self.check_inputs(tokens, cache, segment_ids)
         b, t = tokens.shape
@@ -265,9 +320,9 @@ class CausalLM(nnx.Module):
             group_aux.append(aux)
             first += n
         head_key = None if key is None else jax.random.fold_in(key, len(self.blocks))
-        logits = self.head(x, PeftInputs(ids=None if peft is None else peft.ids, key=head_key))
+        head_peft = PeftInputs(ids=None if peft is None else peft.ids, key=head_key)
         if cache is not None:
             buffers = (new_buffers[0] if len(new_buffers) == 1 else
                        tuple(jnp.concatenate(parts) for parts in zip(*new_buffers)))
             cache = cache.with_buffers(buffers, starts + t)
-        return Output(logits, cache, _mean_over_layers(group_aux))
+        return x, cache, _mean_over_layers(group_aux), (positions, rope, alibi), head_peft

@@ -28,6 +28,13 @@ class TrainConfig:
     peft: str = ""                   # with --init: train only an adapter, e.g.
                                      # lora:r=8,alpha=16,targets=q_proj,v_proj | prefix:tokens=16
                                      # | adapter:dim=32 (jaxlm.model.peft.parse_spec)
+    mtp_depth: int | None = None     # DeepSeek-V3 multi-token prediction modules D (None:
+                                     # the model's own; also --model.mtp_depth)
+    mtp_weight: float = 0.3          # λ: the MTP loss is λ × the mean of its D depths' losses
+    medusa_heads: int | None = None  # Medusa heads K (None: the model's own)
+    medusa_decay: float = 0.8        # head k's loss weight is decay^k (the Medusa paper's)
+    heads_only: bool = False         # with --init: train only the MTP / Medusa heads, the
+                                     # base frozen (Medusa-1; MTP heads for a released model)
     corpus: str = "stdlib"           # "stdlib", a text file, a folder, a .jsonl, or .bin tokens
     tokenizer: str = "byte"          # "byte", "bpe:N" (train N tokens), or a tokenizer.json path
     jsonl_field: str = "text"        # the JSONL key holding each document's text
@@ -100,8 +107,19 @@ class TrainConfig:
                 bad("mesh", str(e))
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        for f in ("mtp_depth", "medusa_heads"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                bad(f, f"must be an int >= 0 (or none: the model's own), got {v!r}")
+        if self.heads_only:
+            if not self.init:
+                bad("heads_only", "trains extra heads on a base model; add --init PATH")
+            if self.peft:
+                bad("heads_only", "cannot be combined with --peft; train one or the other")
+            if not (self.mtp_depth or self.medusa_heads):
+                bad("heads_only", "add the heads to train: --mtp_depth D or --medusa_heads K")
         for f in ("weight_decay", "clip_norm", "z_loss", "aux_loss_weight", "eps",
-                  "router_bias_rate"):
+                  "router_bias_rate", "mtp_weight", "medusa_decay"):
             if not getattr(self, f) >= 0:  # NaN too
                 bad(f, f"must be >= 0, got {getattr(self, f)}")
         if self.loss_scale not in ("auto", "dynamic", "none"):
@@ -247,7 +265,14 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def model_config(tcfg: TrainConfig, model_overrides: dict[str, Any]) -> Config:
-    return PRESETS[tcfg.preset].replace(**model_overrides)
+    return with_head_fields(tcfg, PRESETS[tcfg.preset].replace(**model_overrides))
+
+
+def with_head_fields(tcfg: TrainConfig, cfg: Config) -> Config:
+    """cfg with the trainer's --mtp_depth / --medusa_heads, where given."""
+    heads = {f: getattr(tcfg, f) for f in ("mtp_depth", "medusa_heads")
+             if getattr(tcfg, f) is not None}
+    return cfg.replace(**heads)
 
 
 def help_text() -> str:

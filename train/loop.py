@@ -17,14 +17,15 @@ import numpy as np
 
 from jaxlm.model import Config
 from jaxlm.model import peft
-from jaxlm.model.build import SplitModel
+from jaxlm.model.build import SplitModel, with_heads
+from jaxlm.model.heads import HEADS
 from jaxlm.model.io.base_ref import load_base
 from jaxlm.model.io.runs import read_run_file, write_run_file
 from jaxlm.model.sharding import make_mesh
 
 from . import data as D
 from .checkpoint import Checkpointer
-from .config import TrainConfig
+from .config import TrainConfig, with_head_fields
 from .finetune import save_adapter
 from .report import MetricsLog, Progress, Throughput, measure_matmul_peak, plot_losses
 from .sample import generate_text
@@ -96,11 +97,14 @@ def build(tcfg: TrainConfig, cfg: Config, mesh=None, base=None):
     the base frozen)."""
     if base is None:
         model = SplitModel.create(cfg, tcfg.seed, mesh)
+    elif tcfg.heads_only:
+        model = SplitModel(with_heads(base, cfg.mtp_depth, cfg.medusa_heads, tcfg.seed),
+                           trainable=HEADS)
     elif tcfg.peft:
         model = SplitModel(peft.attach(base, tcfg.peft_spec(), seed=tcfg.seed),
                            trainable=peft.Adapter)
     else:
-        model = SplitModel(base)
+        model = SplitModel(with_heads(base, cfg.mtp_depth, cfg.medusa_heads, tcfg.seed))
     optimizer = make_optimizer(tcfg, model.params)
     state = init_state(tcfg, cfg, model.params, optimizer, mesh, model.rest.to_pure_dict())
     # The state owns the variables from here on: the first step donates these arrays.
@@ -123,6 +127,7 @@ def train(tcfg: TrainConfig, cfg: Config | None, *, resume_step: int | None = No
     base, extra = None, {}
     if tcfg.init:
         base, cfg, extra = _base(tcfg, cfg, resume_step, mesh, base_dtype)
+        cfg = with_head_fields(tcfg, cfg)
         vocab_from_tokenizer = False
     cfg, tokenizer, train_stream, val_stream = prepare_data(
         tcfg, cfg, resume_step is not None, vocab_from_tokenizer, **extra)
@@ -234,6 +239,8 @@ def _base(tcfg: TrainConfig, cfg: Config | None, resume_step, mesh, dtype=None):
     extra = {"base": ref}
     if tcfg.peft:
         extra["peft"] = peft.spec_to_dict(tcfg.peft_spec())
+    if tcfg.heads_only:
+        extra["heads_only"] = True
     return lm, lm.cfg, extra
 
 
@@ -256,4 +263,5 @@ def _extra(m, tcfg: TrainConfig) -> dict:
         out["skipped"] = bool(m["skipped"])
     out.update({k: float(np.mean(v)) for k, v in m.items() if k.startswith("aux/")})
     out.update({k: float(m[k]) for k in ("load_imbalance", "router_bias_max") if k in m})
+    out.update({k: float(v) for k, v in m.items() if k.startswith(("mtp_ce/", "medusa_ce/"))})
     return out

@@ -165,22 +165,72 @@ def aux_loss(aux: dict, tcfg: TrainConfig):
     return total
 
 
+def _ahead(x, k: int):
+    """x [..., t] shifted k positions left along time, zero-filled: x[..., i + k]."""
+    return jnp.pad(x[..., k:], [(0, 0)] * (x.ndim - 1) + [(0, k)])
+
+
+def ahead_mask(batch, k: int):
+    """[..., t] float: 1 where the target k positions further on exists, is in the same
+    packed document and is trained on (an extra head's target never crosses a segment)."""
+    same = _ahead(batch["segment_ids"], k) == batch["segment_ids"]
+    return (same & (_ahead(batch["loss_mask"], k) > 0)).astype(jnp.float32)
+
+
+def head_counts(cfg: Config, batch):
+    """[1 + max(D, K)] token counts of the step: the next-token loss's (index 0) and each
+    extra head's offset k (index k), each at least 1."""
+    counts = [jnp.sum(batch["loss_mask"].astype(jnp.float32))]
+    counts += [jnp.sum(ahead_mask(batch, k)) for k in range(1, max(cfg.mtp_depth,
+                                                                     cfg.medusa_heads) + 1)]
+    return jnp.maximum(jnp.stack(counts), 1.0)
+
+
+def head_losses(tcfg: TrainConfig, mtp, medusa, mb, counts):
+    """(loss, parts) of the extra heads on one micro-batch, each head's masked token sum
+    over its step count. MTP (DeepSeek-V3 eq. 25): λ/D Σ_k CE_k. Medusa-1 (Cai et al.
+    eq. 1): Σ_k 0.8^k CE_k (decay = --medusa_decay). mtp/medusa: [D or K, b, t, v]."""
+    total, parts = jnp.zeros((), jnp.float32), {}
+    for name, logits in (("mtp", mtp), ("medusa", medusa)):
+        if logits is None:
+            continue
+        n = logits.shape[0]
+        for j in range(n):
+            k = j + 1   # head j predicts the target k positions further on
+            ce, _ = token_losses(logits[j], _ahead(mb["targets"], k))
+            ce_k = jnp.sum(ce * ahead_mask(mb, k)) / counts[k]
+            weight = tcfg.mtp_weight / n if name == "mtp" else tcfg.medusa_decay ** k
+            total = total + weight * ce_k
+            parts[f"{name}_ce/{k}"] = ce_k
+    return total, parts
+
+
 def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_micro,
                rest=None, frozen=None, key=None):
     """This micro-batch's share of the step loss: token sums are divided by the step's
     total token count, so summing micro-batches equals one big batch exactly. Expert
     loads are divided by the micro-batch count, so the sum is the step's mean load.
-    frozen: the base weights of an adapter run; key: LoRA dropout's key (None: none)."""
+    n_tokens: head_counts of the step; frozen: the base weights of an adapter or
+    heads-only run; key: LoRA dropout's key (None: none)."""
     lm = model.merge(params, rest, frozen)
-    logits, _, aux = lm(mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"],
-                        peft=None if key is None else PeftInputs(key=key))
+    peft = None if key is None else PeftInputs(key=key)
+    mtp = medusa = None
+    if model.cfg.mtp_depth or model.cfg.medusa_heads:
+        logits, aux, mtp, medusa = lm.with_heads(
+            mb["inputs"], positions=mb["positions"], segment_ids=mb["segment_ids"], peft=peft)
+    else:
+        logits, _, aux = lm(mb["inputs"], positions=mb["positions"],
+                            segment_ids=mb["segment_ids"], peft=peft)
     mask = mb["loss_mask"].astype(jnp.float32)
     ce, lse = token_losses(logits, mb["targets"])
     ce_sum = jnp.sum(ce * mask)
     z_sum = jnp.sum(jnp.square(lse) * mask)
     aux_total = aux_loss(aux, tcfg) / n_micro
-    loss = (ce_sum + tcfg.z_loss * z_sum) / n_tokens + aux_total
-    parts = {"ce": ce_sum / n_tokens, "z_loss": z_sum / n_tokens, "aux_loss": aux_total}
+    heads, head_parts = head_losses(tcfg, mtp, medusa, mb, n_tokens)
+    n_tokens = n_tokens[0]
+    loss = (ce_sum + tcfg.z_loss * z_sum) / n_tokens + aux_total + heads
+    parts = {"ce": ce_sum / n_tokens, "z_loss": z_sum / n_tokens, "aux_loss": aux_total,
+             **head_parts}
     # expert_load is a distribution (its mean is 1/e): reported through load_imbalance
     parts.update({f"aux/{k}": jnp.mean(v) / n_micro for k, v in aux.items()
                   if k not in (LOAD, "expert_load")})
@@ -196,7 +246,7 @@ def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.
     an adapter run's base weights (gradients never reach them); key: LoRA dropout's key
     (each micro-batch folds in its index)."""
     n_micro = batch["inputs"].shape[0]
-    n_tokens = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    n_tokens = head_counts(model.cfg, batch)
     keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
         jnp.arange(n_micro))
 

@@ -32,8 +32,10 @@ def base_config(path: str, kind: str):
     from ..config import Config
     from .runs import read_run_file
     meta = read_run_file(path)
-    if meta.get("peft"):
-        raise ValueError(f"{path!r} is itself an adapter run; use its base as the base")
+    if meta.get("peft") or meta.get("heads_only"):
+        what = "an adapter" if meta.get("peft") else "a heads-only"
+        raise ValueError(f"{path!r} is itself {what} run (its checkpoints hold no base "
+                         f"weights); use its base as the base")
     return Config.from_dict(meta["model"])
 
 

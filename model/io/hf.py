@@ -67,8 +67,17 @@ def _convert(rules: list[Rule], tensors: Stored, cfg: Config) -> dict[Path, np.n
         for i, name in rule.instances(cfg):
             parts = rule.load(tensors[name].read())
             for path, part in zip(rule.paths, parts):
-                if i is None:
+                if rule.copy:
+                    if not np.array_equal(out[path], part.astype(dtype)):
+                        raise ValueError(f"{name} differs from the tensor it duplicates "
+                                         f"({'.'.join(map(str, path))}); jaxlm's MTP modules "
+                                         f"share the model's embedding and LM head")
+                    continue
+                if i is None and not rule.index:
                     out[path] = part.astype(dtype)
+                    continue
+                if i is None:   # one expert of an MTP layer: a slice of an unstacked Param
+                    out.setdefault(path, np.empty(rule.slot_shape, dtype))[rule.index] = part
                     continue
                 g, j = slots[i]
                 where = at(path, g)
@@ -143,7 +152,7 @@ def to_hf(lm: CausalLM, path: str, dtype=None) -> None:
     tensors, slots = {}, layer_slots(cfg)
     for rule in rules_for(hf["model_type"], cfg):
         for i, name in rule.instances(cfg):
-            parts = tuple(params[p] if i is None else
+            parts = tuple(params[p][rule.index] if i is None else
                           params[at(p, slots[i][0])][(slots[i][1], *rule.index)]
                           for p in rule.paths)
             tensors[name] = rule.save(parts).astype(jnp.dtype(dtype))

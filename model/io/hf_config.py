@@ -120,7 +120,8 @@ def _family_fields(hf: Mapping[str, Any], family: str) -> dict[str, Any]:
             n_shared_experts=hf.get("n_shared_experts") or 0, router="sigmoid",
             norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1)
+            n_group=hf.get("n_group") or 1, topk_group=hf.get("topk_group") or 1,
+            mtp_depth=hf.get("num_nextn_predict_layers") or 0)
     return {}  # mistral: only its window differs from Llama
 
 
@@ -167,6 +168,13 @@ def _wrong(cfg: Config, family: str) -> list[str]:
     if family not in ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"):
         plain += (("attention", "gqa"), ("n_experts", 0))
     wrong = [f"{f}={getattr(cfg, f)!r}" for f, ok in plain if getattr(cfg, f) != ok]
+    if cfg.medusa_heads:
+        wrong.append(f"medusa_heads={cfg.medusa_heads} (Medusa heads have no transformers "
+                     f"layout; export the model without them: "
+                     f"jaxlm.model.build.with_heads(lm, lm.cfg.mtp_depth, 0))")
+    if cfg.mtp_depth and family != "deepseek_v3":
+        wrong.append(f"mtp_depth={cfg.mtp_depth} (only deepseek_v3 stores MTP layers; export "
+                     f"without them: jaxlm.model.build.with_heads(lm, 0, lm.cfg.medusa_heads))")
     wrong += windows_wrong(cfg, family) + moe_layers_wrong(cfg, family)
     scale_ok = cfg.attn_scale is None or math.isclose(cfg.attn_scale, cfg.dim_per_head ** -0.5)
     if family == "gpt2":
@@ -265,5 +273,5 @@ def _family_keys(cfg: Config, family: str) -> dict[str, Any]:
                     moe_intermediate_size=f, n_shared_experts=cfg.n_shared_experts,
                     norm_topk_prob=cfg.norm_topk_prob,
                     routed_scaling_factor=cfg.routed_scaling_factor, n_group=cfg.n_group,
-                    topk_group=cfg.topk_group)
+                    topk_group=cfg.topk_group, num_nextn_predict_layers=cfg.mtp_depth)
     return {}  # qwen2, mistral: layout fixed by the family (windows in hf_layers)

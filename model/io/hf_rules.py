@@ -40,6 +40,8 @@ class Rule:
     layers: tuple[int, ...] | None = None  # per-layer rules: only these layers (None = all)
     index: tuple[int, ...] = ()            # where inside one layer's slice (e.g. expert j)
     slot_shape: tuple[int, ...] | None = None  # that slice's full shape when index is set
+    copy: bool = False   # a stored duplicate of a Param another rule fills (DeepSeek-V3's
+                         # MTP layers repeat the shared embedding and head): checked equal
 
     def instances(self, cfg: Config) -> list[tuple[int | None, str]]:
         """(layer or None, HF tensor name) for every tensor this rule stands for."""
@@ -187,7 +189,35 @@ def _llama_style(cfg: Config, family: str) -> list[Rule]:
     moe = [i for i in range(cfg.n_layers) if cfg.is_moe_layer(i)]
     dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
     experts = _only(moe, _experts(cfg, family)) if moe else []
-    return _outer(cfg) + attention + _only(dense, _mlp(cfg)) + experts
+    return (_outer(cfg) + attention + _only(dense, _mlp(cfg)) + experts
+            + _mtp(cfg, family, attention))
+
+
+def _mtp(cfg: Config, family: str, attention: list[Rule]) -> list[Rule]:
+    """DeepSeek-V3's MTP modules, stored as layers n_layers.. (num_nextn_predict_layers of
+    them): a whole decoder layer plus enorm, hnorm, eh_proj, shared_head.norm, and copies
+    of the shared embedding and LM head."""
+    d, v = cfg.d_model, cfg.vocab_size
+    ffn = _experts(cfg, family) if cfg.is_moe_layer(cfg.n_layers) else _mlp(cfg)
+    layer = [r for r in _outer(cfg) if "{i}" in r.hf] + attention + ffn
+    head = (_table("lm_head.weight", ("embed", "embedding"), (v, d)) if cfg.tie_embeddings
+            else _linear("lm_head.weight", ("lm_head", "kernel"), (d,), (v,)))
+    rules = []
+    for k in range(cfg.mtp_depth):
+        at_k = LAYER.format(i=cfg.n_layers + k)
+        rules += [dataclasses.replace(r, hf=r.hf.format(i=cfg.n_layers + k), layers=None,
+                                      paths=tuple(("mtp", k, "block", *p[2:]) for p in r.paths))
+                  for r in layer]
+        rules += [_vector(at_k + "enorm.weight", ("mtp", k, "enorm", "scale"), (d,)),
+                  _vector(at_k + "hnorm.weight", ("mtp", k, "hnorm", "scale"), (d,)),
+                  _linear(at_k + "eh_proj.weight", ("mtp", k, "eh_proj", "kernel"), (2 * d,),
+                          (d,)),
+                  _vector(at_k + "shared_head.norm.weight", ("mtp", k, "head_norm", "scale"),
+                          (d,)),
+                  dataclasses.replace(_table(at_k + "embed_tokens.weight", ("embed", "embedding"),
+                                             (v, d)), copy=True),
+                  dataclasses.replace(head, hf=at_k + "shared_head.head.weight", copy=True)]
+    return rules
 
 
 # GPT-2 ------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, me
     With a mesh, orbax restores every variable directly into its shards. A run saved
     before router biases were checkpointed gets their initial values."""
     meta = read_run_file(run_dir)
-    if meta.get("peft"):
+    if meta.get("peft") or meta.get("heads_only"):
         return _load_adapter_run(run_dir, meta, step, dtype, mesh)
     cfg = Config.from_dict(meta["model"])
     if dtype is not None:
@@ -108,15 +108,23 @@ def latest_step(run_dir: str) -> int:
 
 
 def _load_adapter_run(run_dir: str, meta: dict, step, dtype, mesh):
-    """An adapter run: its base (from run.json's reference, checked by content hash) with
-    the trained adapter attached; the checkpoint's params item is the adapter alone."""
+    """An adapter or heads-only run: its base (from run.json's reference, checked by
+    content hash) with the trained adapter attached or MTP / Medusa heads added; the
+    checkpoint's params item is the adapter (or the heads) alone."""
     from .. import peft
+    from ..build import with_heads
+    from ..heads import HEADS
     from .base_ref import load_base
     ref = meta["base"]
     base, _ = load_base(ref["path"], dtype or meta["model"].get("dtype"), ref.get("step"),
                         mesh, expect=ref["sha256"])
-    split = SplitModel(peft.attach(base, peft.spec_from_dict(meta["peft"])),
-                       trainable=peft.Adapter)
+    if meta.get("peft"):
+        split = SplitModel(peft.attach(base, peft.spec_from_dict(meta["peft"])),
+                           trainable=peft.Adapter)
+    else:
+        model = meta["model"]
+        split = SplitModel(with_heads(base, model["mtp_depth"], model["medusa_heads"]),
+                           trainable=HEADS)
     mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
     step = _pick_step(mngr, run_dir, step)
     restored = mngr.restore(step, args=ocp.args.Composite(
