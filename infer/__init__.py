@@ -6,6 +6,7 @@
                    top_p=0.9), seed=0, stop_tokens=(eos,))
     engine = Engine(base, adapters=[lora_lm, prefix_lm, "peft_dir"])   # several adapters
     new = engine.generate(prompts, max_new_tokens=32, adapter_ids=[0, 2, -1])
+    engine = Engine(lm, speculative=Speculative("lookup", n_draft=4))  # exact, faster
 """
 from jaxlm.ops.sampling import Sampling
 
@@ -13,6 +14,7 @@ from .cache import DecodeCache
 from .engine import DecodeState, Engine, generate
 from .forward import forward, split_model
 from .prefix import PrefixCache
+from .speculative import Speculative
 
-__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling",
+__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling", "Speculative",
            "forward", "generate", "split_model"]

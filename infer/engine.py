@@ -43,6 +43,7 @@ from .adapters import prepare, row_adapters, with_adapters
 from .cache import DecodeCache, round_up
 from .forward import LayerGraphs, LayerWeights, forward, replicated, split_model
 from .prefix import PrefixCache, fill_rows
+from .speculative import SpecDecoder, Speculative
 
 PAD = -1        # written after a row is done; never returned
 
@@ -165,10 +166,14 @@ class Engine:
     (loaded onto a view of lm); requests then take `adapter_ids`, one per prompt, indexing
     this list (-1 or None: the base). Without it, an adapter lm carries serves every row;
     merge=True folds its LoRA into (the engine's copy of) the weights. See infer/adapters.py.
+    speculative: a Speculative setting; generate and stream then draft and verify
+    (infer/speculative.py) and leave `speculative_stats` (acceptance rate, tokens per
+    target forward) of the last request.
     """
 
     def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None,
-                 mesh: Mesh | None = None, adapters=None, merge: bool = False):
+                 mesh: Mesh | None = None, adapters=None, merge: bool = False,
+                 speculative: Speculative | None = None):
         self.cfg = lm.cfg
         served, self.served = prepare(lm, adapters, merge,
                                       jnp.dtype(cache_dtype or lm.cfg.dtype), slot_axis(lm.cfg),
@@ -182,6 +187,21 @@ class Engine:
         self.cache_dtype = cache_dtype
         self.prefixes = PrefixCache(self)      # rows of the engine's own model (id -1)
         self._prefix_caches = {-1: self.prefixes}
+        self.spec = None if speculative is None else SpecDecoder(self, speculative)
+
+    @property
+    def speculative_stats(self) -> dict | None:
+        """The last speculative request's rounds, acceptance rate and tokens per target
+        forward (None before one, or without speculative decoding)."""
+        return None if self.spec is None else self.spec.stats
+
+    def _spec_request(self, prompts, max_new_tokens, stop_tokens, adapter_ids, prefix_cache,
+                      record_logits=False):
+        if prefix_cache or record_logits or adapter_ids is not None:
+            raise ValueError("speculative decoding takes no prefix_cache, record_logits or "
+                             "adapter_ids; use an Engine without speculative= for those")
+        prompts = self.check(prompts, max_new_tokens, stop_tokens)
+        return prompts
 
     # Pieces --------------------------------------------------------------------------
     @property
@@ -302,6 +322,11 @@ class Engine:
         longest prefix shared by several prompts of this batch) instead of recomputing
         it. record_logits: also return the per-step logits [b, max_new_tokens, v].
         adapter_ids: each prompt's adapter (an index into `adapters`; -1 or None: base)."""
+        if self.spec is not None:
+            prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
+                                         prefix_cache, record_logits)
+            return self.spec.generate(prompts, max_new_tokens, sampling, jax.random.key(seed),
+                                      stop_tokens)
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
@@ -320,6 +345,12 @@ class Engine:
         (the same jitted loop, stopped and resumed)."""
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
+        if self.spec is not None:
+            prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
+                                         prefix_cache)
+            yield from self.spec.stream(prompts, max_new_tokens, sampling,
+                                        jax.random.key(seed), stop_tokens, chunk)
+            return
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,

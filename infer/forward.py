@@ -73,6 +73,11 @@ def replicated(graphs: LayerGraphs, tree):
     return jax.lax.with_sharding_constraint(tree, sharding.replicated(graphs.mesh))
 
 
+def outer_model(graphs: LayerGraphs, weights: LayerWeights) -> CausalLM:
+    """The model without its blocks: embeddings, final norm, LM head, MTP/Medusa heads."""
+    return nnx.merge(graphs.outer, weights.outer)
+
+
 def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCache,
             last=None):
     """tokens [b,t] written at slots cache.lengths.. (positions = slots).
@@ -82,7 +87,16 @@ def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCac
     last real token, and the head over every padded position would cost more than it).
     Rows of a cache with `peft_ids` run their own stacked adapter in every Block.
     Returns (logits, cache with lengths + t)."""
-    lm = nnx.merge(graphs.outer, weights.outer)
+    h, new_cache = hidden(graphs, weights, tokens, cache, last)
+    peft = None if cache.peft_ids is None else PeftInputs(ids=cache.peft_ids)
+    return outer_model(graphs, weights).project(h, peft), new_cache
+
+
+def hidden(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCache,
+           last=None):
+    """As forward, but (final hidden states [b,t,d] (or [b,1,d] with last), cache): what
+    the LM head reads, and what Medusa and MTP heads read too."""
+    lm = outer_model(graphs, weights)
     t = tokens.shape[1]
     starts = cache.lengths
     peft = None if cache.peft_ids is None else PeftInputs(ids=cache.peft_ids)
@@ -101,5 +115,5 @@ def forward(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCac
         new_layers.append(kv)
     if last is not None:
         x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
-    return lm.head(x, peft), dataclasses.replace(cache, layers=tuple(new_layers),
-                                                 lengths=starts + t)
+    return lm.final_hidden(x), dataclasses.replace(cache, layers=tuple(new_layers),
+                                                   lengths=starts + t)

@@ -296,8 +296,8 @@ def sites(cfg: Config, family: str | None = None) -> list[Site]:
     family = family or hf_config_from(cfg)["model_type"]
     out = []
     for rule in rules_for(family, cfg):
-        if not rule.hf.endswith(".weight"):
-            continue
+        if not rule.hf.endswith(".weight") or rule.copy or rule.paths[0][0] == "mtp":
+            continue  # adapters go on the model proper, not on DeepSeek's MTP layers
         name = rule.hf[:-len(".weight")]
         last = [p[-1] for p in rule.paths]
         layers = (None if "{i}" not in name else
