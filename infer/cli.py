@@ -5,6 +5,9 @@
     python -m jaxlm.infer --hf DIR --prompt-ids 1,2,3 --bench
     python -m jaxlm.infer --hf DIR --prompt "Hi" --mesh tensor=8    # one host, 8 devices
     python -m jaxlm.infer --hf DIR --adapter PEFT_DIR --prompt "Hi" [--merge]
+    python -m jaxlm.infer --checkpoint RUN --prompt "def " --prompt-lookup 3 --spec-tokens 4
+    python -m jaxlm.infer --checkpoint RUN --draft SMALL_RUN_OR_HF_DIR --bench
+    python -m jaxlm.infer --checkpoint RUN --medusa | --mtp     # the model's own heads
     python -m jaxlm.infer --hf DIR --adapter A --adapter B --prompt-ids 1,2 --prompt-ids 3 \
         --prompt-ids 4,5 --adapter-ids 0,1,-1          # one batch, a LoRA/prefix/... per row
 
@@ -12,6 +15,12 @@
 for every row, or several in one batch with --adapter-ids (one id per prompt, --prompt
 ones first, then --prompt-ids; -1 = the base model; default: every row adapter 0). A
 --checkpoint of a PEFT run serves its trained adapter.
+
+Speculative decoding (exact: greedy output is plain greedy's, sampled output has the
+target's distribution): --draft (a smaller model with the same vocabulary), --prompt-lookup
+N (n-gram lookup in the prompt and output), --medusa or --mtp (the model's own heads),
+each drafting --spec-tokens tokens per target forward; --bench adds the acceptance rate
+and tokens per target forward.
 
 Text streams to the terminal as it is produced (the decode loop runs in chunks of
 --chunk steps). --bench prints prefill and decode tokens/s, time to first token and the
@@ -60,6 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=8, help="decode steps between prints")
     p.add_argument("--bench", action="store_true",
                    help="print prefill/decode tokens/s, time to first token, cache memory")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", metavar="RUN_OR_HF_DIR", help="speculative decoding with "
+                      "this smaller model (same vocabulary) drafting")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N", help="speculative decoding "
+                      "with drafts looked up by n-grams (n <= N) in the prompt and output")
+    spec.add_argument("--medusa", action="store_true", help="speculative decoding with the "
+                      "model's Medusa heads")
+    spec.add_argument("--mtp", action="store_true", help="speculative decoding with the "
+                      "model's multi-token-prediction modules")
+    p.add_argument("--spec-tokens", type=int, metavar="GAMMA", help="draft tokens per "
+                   "target forward (default 4; --medusa/--mtp: the model's head count, "
+                   "at most 4)")
     p.add_argument("--mesh", metavar="SPEC", help="shard over devices, e.g. data=2,tensor=4 "
                    "(axes data, fsdp, tensor, expert, sequence)")
     p.add_argument("--coordinator", default="", metavar="HOST:PORT",
@@ -84,6 +105,18 @@ def check_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    if args.spec_tokens is not None and args.spec_tokens < 1:
+        raise ValueError(f"--spec-tokens must be positive, got {args.spec_tokens}")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise ValueError(f"--prompt-lookup N must be positive, got {args.prompt_lookup}")
+    if args.spec_tokens is not None and not speculating(args):
+        raise ValueError("--spec-tokens needs a draft source: --draft, --prompt-lookup, "
+                         "--medusa or --mtp")
+    if speculating(args) and (args.adapter or args.mesh):
+        raise ValueError("speculative decoding runs without --adapter and --mesh")
+    if args.draft and not os.path.isdir(args.draft):
+        raise ValueError(f"--draft {args.draft!r} is not a directory; pass a run or a "
+                         f"Hugging Face model directory")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
     if args.mesh:
@@ -116,6 +149,37 @@ def check_args(args) -> None:
     for path in args.adapter or []:
         read_peft_config(path)   # a directory holding adapter_config.json, before any loading
     adapter_ids(args)
+
+
+def speculating(args) -> bool:
+    return bool(args.draft or args.prompt_lookup or args.medusa or args.mtp)
+
+
+def speculative(args, lm):
+    """The Speculative setting the flags ask for (None: plain decoding)."""
+    if not speculating(args):
+        return None
+    from jaxlm.infer.speculative import Speculative
+    gamma = args.spec_tokens
+    if args.medusa or args.mtp:
+        heads = lm.cfg.medusa_heads if args.medusa else lm.cfg.mtp_depth
+        return Speculative("medusa" if args.medusa else "mtp",
+                           n_draft=gamma or max(1, min(4, heads)))
+    if args.prompt_lookup:
+        return Speculative("lookup", n_draft=gamma or 4, ngram=args.prompt_lookup)
+    return Speculative("draft", n_draft=gamma or 4, draft=load_model(args.draft, args.dtype))
+
+
+def load_model(path: str, dtype=None):
+    """A CausalLM from a run directory (run.json) or an HF directory (config.json)."""
+    if os.path.isfile(os.path.join(path, "run.json")):
+        from jaxlm.model.io.runs import load_run
+        return load_run(path, dtype=dtype)[0]
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} holds neither run.json nor config.json; pass a jaxlm "
+                         f"run or a Hugging Face model directory")
+    from jaxlm.model.io import from_hf
+    return from_hf(path, dtype=dtype)
 
 
 def adapter_ids(args) -> list[int] | None:
@@ -185,9 +249,27 @@ def stream_one(engine, tokenizer, prompt, args, sampling, stops, ids=None) -> No
     sys.stdout.write(text[len(shown):] + "\n")
 
 
+def bench_speculative(engine, prompts, args, sampling, stops) -> None:
+    n = args.max_new_tokens
+    engine.generate(prompts, max_new_tokens=n, sampling=sampling, stop_tokens=stops)  # compile
+    t0 = time.perf_counter()
+    outs = engine.generate(prompts, max_new_tokens=n, sampling=sampling, seed=args.seed,
+                           stop_tokens=stops)
+    dt = time.perf_counter() - t0
+    st, total = engine.speculative_stats, sum(len(o) for o in outs)
+    print(f"batch {len(prompts)}, new tokens {total}, speculative {engine.spec.spec.source} "
+          f"(γ = {engine.spec.spec.n_draft})")
+    print(f"generate             {total / dt:9.1f} tokens/s (prefill included)")
+    print(f"acceptance rate      {st['acceptance_rate']:9.3f}")
+    print(f"tokens per forward   {st['tokens_per_forward']:9.3f} "
+          f"({st['rounds']} target forwards after the prompt)")
+
+
 def bench(engine, prompts, args, sampling, stops, ids=None) -> None:
     import jax
     import numpy as np
+    if engine.spec is not None:
+        return bench_speculative(engine, prompts, args, sampling, stops)
     n, b = args.max_new_tokens, len(prompts)
     engine.generate(prompts, max_new_tokens=n, sampling=sampling, stop_tokens=stops,
                     adapter_ids=ids)  # compile
@@ -241,7 +323,8 @@ def run(args) -> None:
         from jaxlm.model.io.peft import load_peft
         lm, ids = load_peft(lm, args.adapter[0]), None  # one adapter: on the model itself
     adapters = args.adapter if ids is not None else None
-    engine = Engine(lm, max_len=max_len, mesh=mesh, adapters=adapters, merge=args.merge)
+    engine = Engine(lm, max_len=max_len, mesh=mesh, adapters=adapters, merge=args.merge,
+                    speculative=speculative(args, lm))
     del lm  # the engine holds its own per-layer copy of the weights
     engine.check(prompts, args.max_new_tokens, stops, ids)
     if args.bench:
