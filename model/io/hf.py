@@ -121,6 +121,9 @@ def from_hf(path: str, dtype=None, param_dtype=None, mesh=None) -> CausalLM:
     param_dtype = _dtype_name(param_dtype or dtype_from_hf(hf) or
                               (stored if stored in DTYPES else "float32"))
     cfg = cfg.replace(param_dtype=param_dtype, dtype=_dtype_name(dtype or param_dtype))
+    if cfg.mtp_depth and f"model.layers.{cfg.n_layers}.eh_proj.weight" not in tensors:
+        # transformers writes num_nextn_predict_layers but never the MTP layers themselves
+        cfg = cfg.replace(mtp_depth=0)
 
     rules = rules_for(family, cfg)
     _check(rules, tensors, cfg)
