@@ -198,6 +198,30 @@ def test_deepseek_v3_mtp_layers_import_from_the_hf_layout(tmp_path):
         from_hf(str(tmp_path / "ds"))
 
 
+def test_an_mtp_run_resumes_bitwise(tmp_path):
+    """MTP parameters and their optimizer state checkpoint and resume: 6 steps straight
+    equal 3 steps, then --resume to 6 (a constant learning rate, so the schedule does not
+    depend on --steps)."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("".join(f"x{i} = {i} * {i}\n" for i in range(500)))
+    common = ["--corpus", str(corpus), "--progress", "false", "--plot", "false",
+              "--sample_tokens", "0", "--seq_len", "32", "--batch_size", "4",
+              "--checkpoint_every", "3", "--eval_every", "100", "--mtp_depth", "2",
+              "--warmup_steps", "0", "--min_lr_ratio", "1",
+              "--model.d_model", "32", "--model.n_layers", "1", "--model.ffn_dim", "64",
+              "--model.n_heads", "2"]
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    assert train_main(common + ["--steps", "6", "--run_dir", straight]) == 0
+    assert train_main(common + ["--steps", "3", "--run_dir", resumed]) == 0
+    assert train_main(["--resume", "--run_dir", resumed, "--steps", "6"]) == 0
+    a, _, _ = load_run(straight)
+    b, _, _ = load_run(resumed)
+    assert a.cfg.mtp_depth == 2
+    for (p, x), (_, y) in zip(nnx.to_flat_state(nnx.state(a, nnx.Param)),
+                              nnx.to_flat_state(nnx.state(b, nnx.Param))):
+        np.testing.assert_array_equal(x[...], y[...], err_msg=str(p))
+
+
 def test_heads_only_run_trains_the_heads_over_a_frozen_base(tmp_path):
     """--init BASE --heads_only --medusa_heads K --mtp_depth D: the heads learn, the base's
     weights and validation loss do not move; the run loads back with its heads; bad

@@ -181,3 +181,16 @@ def test_cli_speculative_flags(tmp_path, capsys):
     assert infer_main(base + ["--mtp"]) == 2
     assert "mtp_depth=0" in capsys.readouterr().err
     assert infer_main(base + ["--spec-tokens", "2"]) == 2
+
+
+def test_mtp_self_speculation_on_an_mla_moe_model():
+    """DeepSeek-V3's shape: MLA attention (latent caches for the MTP modules too) and an
+    MoE MTP layer; greedy output is plain greedy's."""
+    cfg = Config(vocab_size=40, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, attention="mla",
+                 kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                 n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16, n_shared_experts=1,
+                 router="sigmoid", first_k_dense=1, mtp_depth=2, init_std=0.3)
+    lm = create(cfg, 0)
+    want = Engine(lm).generate(PROMPTS, max_new_tokens=16, stop_tokens=(3,))
+    engine = Engine(lm, speculative=Speculative("mtp", n_draft=2))
+    assert engine.generate(PROMPTS, max_new_tokens=16, stop_tokens=(3,)) == want
