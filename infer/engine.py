@@ -326,7 +326,7 @@ class Engine:
             prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
                                          prefix_cache, record_logits)
             return self.spec.generate(prompts, max_new_tokens, sampling, jax.random.key(seed),
-                                      stop_tokens)
+                                      _check_stop_tokens(stop_tokens, self.cfg.vocab_size))
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
@@ -348,8 +348,9 @@ class Engine:
         if self.spec is not None:
             prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
                                          prefix_cache)
-            yield from self.spec.stream(prompts, max_new_tokens, sampling,
-                                        jax.random.key(seed), stop_tokens, chunk)
+            yield from self.spec.stream(prompts, max_new_tokens, sampling, jax.random.key(seed),
+                                        _check_stop_tokens(stop_tokens, self.cfg.vocab_size),
+                                        chunk)
             return
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))

@@ -44,7 +44,8 @@ from jaxlm.ops.sampling import Sampling, greedy, probabilities, sample
 from jaxlm.ops.speculative import accept, ngram_propose
 
 from .cache import DecodeCache, round_up
-from .forward import LayerGraphs, LayerWeights, forward, hidden, outer_model, replicated
+from .forward import (LayerGraphs, LayerWeights, forward, hidden, outer_model, replicated,
+                      split_model)
 
 PAD = -1
 SOURCES = ("draft", "lookup", "medusa", "mtp")
@@ -284,13 +285,7 @@ class SpecDecoder:
         self.engine, self.spec = engine, spec
         self.dgraphs = self.dweights = None
         if spec.source == "draft":
-            from .forward import split_model
-            from .adapters import prepare
-            from jaxlm.model.cache import slot_axis
-            served, _ = prepare(spec.draft, None, False,
-                                jnp.dtype(engine.cache_dtype or spec.draft.cfg.dtype),
-                                slot_axis(spec.draft.cfg), None)
-            self.dgraphs, self.dweights = split_model(served)
+            self.dgraphs, self.dweights = split_model(spec.draft)
         self.stats = None
 
     def _aux_cache(self, batch: int, slots: int):
@@ -303,8 +298,8 @@ class SpecDecoder:
             return DecodeCache.create(cfg, batch, slots, e.cache_dtype)
         return None
 
-    def start(self, prompts, max_new_tokens: int, key, sampling, stop_tokens):
-        from .engine import _check_stop_tokens
+    def start(self, prompts, max_new_tokens: int, key, sampling, stops):
+        """Prefill checked prompts; stops: the engine's checked stop-token array."""
         e, g = self.engine, self.spec.n_draft
         b = len(prompts)
         t = round_up(max(len(p) for p in prompts))
@@ -312,16 +307,15 @@ class SpecDecoder:
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
-        stops = _check_stop_tokens(stop_tokens, e.cfg.vocab_size)
         return _prefill(e.graphs, e.weights, self.dgraphs, self.dweights, tokens,
                         np.asarray([len(p) for p in prompts], np.int32), e.new_cache(b, slots),
                         self._aux_cache(b, slots), key, stops, sampling, self.spec.source, g,
                         max_new_tokens)
 
-    def decode(self, state, cache, until: int, sampling, stop_tokens):
-        from .engine import _check_stop_tokens
+    def decode(self, state, cache, until: int, sampling, stops):
+        """Run the loop until every live row has `until` tokens, all are done, or the
+        cache is full; records `stats`."""
         e = self.engine
-        stops = _check_stop_tokens(stop_tokens, e.cfg.vocab_size)
         state, cache = _decode(e.graphs, e.weights, self.dgraphs, self.dweights, state, cache,
                                np.int32(until), stops, sampling, self.spec.source,
                                self.spec.n_draft, self.spec.ngram)
@@ -336,14 +330,14 @@ class SpecDecoder:
                       "acceptance_rate": float(accepted.sum() / max(total * self.spec.n_draft, 1)),
                       "tokens_per_forward": float((counts.sum() - len(counts)) / max(total, 1))}
 
-    def generate(self, prompts, max_new_tokens, sampling, key, stop_tokens):
-        state, cache = self.start(prompts, max_new_tokens, key, sampling, stop_tokens)
-        state, cache = self.decode(state, cache, max_new_tokens, sampling, stop_tokens)
+    def generate(self, prompts, max_new_tokens, sampling, key, stops):
+        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops)
+        state, cache = self.decode(state, cache, max_new_tokens, sampling, stops)
         tokens, counts = jax.device_get((state.tokens, state.counts))
         return [row[:n].tolist() for row, n in zip(tokens, counts)]
 
-    def stream(self, prompts, max_new_tokens, sampling, key, stop_tokens, chunk):
-        state, cache = self.start(prompts, max_new_tokens, key, sampling, stop_tokens)
+    def stream(self, prompts, max_new_tokens, sampling, key, stops, chunk):
+        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops)
         sent = np.zeros(len(prompts), np.int64)
         previous = None
         while True:
@@ -354,4 +348,4 @@ class SpecDecoder:
                 return  # finished, or no progress (the cache is full)
             previous = counts.copy()
             state, cache = self.decode(state, cache, int(counts[~done].min()) + chunk,
-                                       sampling, stop_tokens)
+                                       sampling, stops)

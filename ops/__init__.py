@@ -13,3 +13,4 @@ from .moe import (Routing, add_shared_experts, capacity_dispatch, combine_weight
                   update_router_bias)
 from .sampling import (Sampling, apply_temperature, filter_logits, min_p_logits, probabilities,
                        sample, top_k_logits, top_p_logits)
+from .speculative import accept, greedy_accept, ngram_propose, rejection_accept
