@@ -139,10 +139,12 @@ def _mtp_drafts(lm, h0, ahead, e, starts, aux: DecodeCache, n_draft: int):
             ext = jnp.concatenate([ahead, jnp.stack(drafts, axis=1)], axis=1)
             src = jnp.where(j + k < e[:, None], j + k, w + j + k - e[:, None])
             tokens = jnp.take_along_axis(ext, jnp.clip(src, 0, w + k - 1), axis=1)
-        h, logits, kv = lm.mtp_depth_step(k, h, tokens, positions, rope=rope, alibi=alibi,
-                                          kv=aux.layers[k], starts=starts)
+        module = lm.mtp[k]
+        h, kv, _ = module(h, lm.embed(tokens), positions, rope=rope, alibi=alibi,
+                          kv=aux.layers[k], starts=starts)
         layers.append(kv)
-        drafts.append(greedy(_at(logits, e - 1)))
+        # the head only where the draft is read (the window's other positions feed the cache)
+        drafts.append(greedy(lm.project(module.head_norm(_at(h, e - 1)[:, None]))[:, 0]))
     aux = dataclasses.replace(aux, layers=tuple(layers) + aux.layers[n_draft:],
                               lengths=starts + e)
     return jnp.stack(drafts, axis=1), aux
