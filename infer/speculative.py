@@ -205,7 +205,8 @@ def _draft_propose(dgraphs, dweights, aux: DecodeCache, last, key, sampling, n_d
         nxt = jax.random.categorical(k, jnp.log(q), axis=-1).astype(jnp.int32)  # d ~ q exactly
         return (aux, nxt), (nxt, q)
 
-    (aux, _), (drafts, q) = jax.lax.scan(step, (aux, last), jax.random.split(key, n_draft + 1))
+    keys = jax.random.split(key, n_draft + 1) if sampled else jnp.arange(n_draft + 1)
+    (aux, _), (drafts, q) = jax.lax.scan(step, (aux, last), keys)
     drafts = drafts[:n_draft].T
     q = None if q is None else jnp.moveaxis(q[:n_draft], 0, 1)
     return drafts, q, aux
@@ -218,6 +219,7 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
             n_draft: int, ngram: int):
     g = n_draft
     n_max = state.tokens.shape[1] - g - 1
+    sampled = sampling is not None and not sampling.greedy
     cols = jnp.arange(g + 1, dtype=jnp.int32)[None]
 
     def keep_going(carry):
@@ -228,7 +230,10 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
 
     def one_round(carry):
         st, cache = carry
-        key, k_draft, k_accept = jax.random.split(st.key, 3)
+        if sampled:
+            key, k_draft, k_accept = jax.random.split(st.key, 3)
+        else:  # greedy: no key to split (threefry is many ops per round on CPU)
+            key, k_draft, k_accept = st.key, None, None
         start, live = cache.lengths, ~st.done
         lm = outer_model(graphs, weights)
         aux, q, history = st.aux, None, st.history
