@@ -171,13 +171,11 @@ def speculative(args, lm):
 
 
 def load_model(path: str, dtype=None):
-    """A CausalLM from a run directory (run.json) or an HF directory (config.json)."""
-    if os.path.isfile(os.path.join(path, "run.json")):
+    """A CausalLM from a jaxlm run or an HF directory (model.io.base_ref.base_kind)."""
+    from jaxlm.model.io.base_ref import base_kind
+    if base_kind(path) == "run":
         from jaxlm.model.io.runs import load_run
         return load_run(path, dtype=dtype)[0]
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} holds neither run.json nor config.json; pass a jaxlm "
-                         f"run or a Hugging Face model directory")
     from jaxlm.model.io import from_hf
     return from_hf(path, dtype=dtype)
 

@@ -200,8 +200,7 @@ class Engine:
         if prefix_cache or record_logits or adapter_ids is not None:
             raise ValueError("speculative decoding takes no prefix_cache, record_logits or "
                              "adapter_ids; use an Engine without speculative= for those")
-        prompts = self.check(prompts, max_new_tokens, stop_tokens)
-        return prompts
+        return self.check(prompts, max_new_tokens, stop_tokens)
 
     # Pieces --------------------------------------------------------------------------
     @property

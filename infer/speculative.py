@@ -139,12 +139,11 @@ def _mtp_drafts(lm, h0, ahead, e, starts, aux: DecodeCache, n_draft: int):
             ext = jnp.concatenate([ahead, jnp.stack(drafts, axis=1)], axis=1)
             src = jnp.where(j + k < e[:, None], j + k, w + j + k - e[:, None])
             tokens = jnp.take_along_axis(ext, jnp.clip(src, 0, w + k - 1), axis=1)
-        module = lm.mtp[k]
-        h, kv, _ = module(h, lm.embed(tokens), positions, rope=rope, alibi=alibi,
-                          kv=aux.layers[k], starts=starts)
+        h, kv, _ = lm.mtp[k](h, lm.embed(tokens), positions, rope=rope, alibi=alibi,
+                             kv=aux.layers[k], starts=starts)
         layers.append(kv)
         # the head only where the draft is read (the window's other positions feed the cache)
-        drafts.append(greedy(lm.project(module.head_norm(_at(h, e - 1)[:, None]))[:, 0]))
+        drafts.append(greedy(lm.mtp_logits(k, _at(h, jnp.maximum(e - 1, 0))[:, None])[:, 0]))
     aux = dataclasses.replace(aux, layers=tuple(layers) + aux.layers[n_draft:],
                               lengths=starts + e)
     return jnp.stack(drafts, axis=1), aux
@@ -267,8 +266,7 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
         elif source == "medusa":
             drafts_next = _medusa_drafts(lm, _at(h, jnp.maximum(e - 1, 0)), g)
         else:
-            drafts_next, aux = _mtp_drafts(lm, h, emitted, jnp.maximum(e, 1), start, aux, g)
-            aux = dataclasses.replace(aux, lengths=start + e)
+            drafts_next, aux = _mtp_drafts(lm, h, emitted, e, start, aux, g)
         new = SpecState(
             tokens=tokens, counts=counts,
             last=jnp.where(e > 0, _at(emitted, jnp.maximum(e - 1, 0)), st.last),

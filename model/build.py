@@ -84,12 +84,7 @@ def with_heads(base: CausalLM, mtp_depth: int, medusa_heads: int, seed: int = 0)
               if p[0] not in ("mtp", "medusa") or
               (p[0] == "mtp" and p[1] < mtp_depth) or (p[0] == "medusa" and p[1] < medusa_heads)}
     nnx.update(lm, nnx.from_flat_state(shared))
-    grown = [i for i in range(medusa_heads) if i >= base.cfg.medusa_heads]
-    if grown:
-        fresh = nnx.merge(*nnx.split(lm))  # copy the base head into the new heads only
-        init_medusa_from_head(fresh)
-        for i in grown:
-            lm.medusa[i].lm_head.kernel[...] = fresh.medusa[i].lm_head.kernel[...]
+    init_medusa_from_head(lm, range(base.cfg.medusa_heads, medusa_heads))
     return lm
 
 

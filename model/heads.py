@@ -33,7 +33,7 @@ class MTPModule(nnx.Module):
     (DeepSeek-V3's HF names: enorm, hnorm, eh_proj, the decoder layer, shared_head.norm)."""
 
     def __init__(self, cfg: Config, rngs: nnx.Rngs):
-        from .transformer import Block  # the block module imports this one's users
+        from .transformer import Block  # transformer.py imports this module
         d = cfg.d_model
         self.enorm = RMSNorm(cfg, d, "embed", rngs)
         self.hnorm = RMSNorm(cfg, d, "embed", rngs)
@@ -67,11 +67,12 @@ class MedusaHead(nnx.Module):
             return self.lm_head(h).astype(jnp.float32)
 
 
-def init_medusa_from_head(lm) -> None:
-    """Every Medusa head's LM head becomes a copy of the model's (Medusa's initialisation;
-    the embedding transposed for a tied head). In place."""
+def init_medusa_from_head(lm, heads=None) -> None:
+    """Medusa heads `heads` (indices; default all) get LM heads that copy the model's
+    (Medusa's initialisation; the embedding transposed for a tied head). In place."""
     if lm.medusa is None:
         return
     w = (lm.embed.embedding[...].T if lm.lm_head is None else lm.lm_head.kernel[...])
-    for head in lm.medusa:  # own buffers: the trainer donates the heads, never the base
+    for i in range(len(lm.medusa)) if heads is None else heads:
+        head = lm.medusa[i]  # own buffers: the trainer donates the heads, never the base
         head.lm_head.kernel[...] = jnp.array(w, dtype=head.lm_head.kernel[...].dtype, copy=True)

@@ -225,13 +225,10 @@ class CausalLM(nnx.Module):
         """Final norm and LM head: float32 logits [b,t,v]."""
         return self.project(self.final_hidden(x), peft)
 
-    def mtp_depth_step(self, k: int, h, tokens_ahead, positions, **block_kwargs):
-        """MTP module k (0-based) over h [b,t,d] (h^k) and the tokens k+1 ahead [b,t]:
-        (h^{k+1} [b,t,d], its logits [b,t,v], updated kv). block_kwargs: rope, alibi and
-        the cache arguments, as Block takes them."""
-        module = self.mtp[k]
-        h, kv, _ = module(h, self.embed(tokens_ahead), positions, **block_kwargs)
-        return h, self.project(module.head_norm(h)), kv
+    def mtp_logits(self, k: int, h):
+        """MTP module k's (0-based) logits over its block output h [b,t,d]: its own norm,
+        then the shared LM head."""
+        return self.project(self.mtp[k].head_norm(h))
 
     def medusa_logits(self, h):
         """Every Medusa head's logits over final hidden states h [b,t,d]: [K,b,t,v]."""
@@ -275,11 +272,11 @@ class CausalLM(nnx.Module):
         mtp = medusa = None
         if self.mtp is not None:
             per_depth, hk = [], h
-            for k in range(len(self.mtp)):
+            for k, module in enumerate(self.mtp):
                 ahead = jnp.pad(tokens[:, k + 1:], ((0, 0), (0, k + 1)))
-                hk, lk, _ = self.mtp_depth_step(k, hk, ahead, positions, rope=rope,
-                                                alibi=alibi, segment_ids=segment_ids)
-                per_depth.append(lk)
+                hk, _, _ = module(hk, self.embed(ahead), positions, rope=rope, alibi=alibi,
+                                  segment_ids=segment_ids)
+                per_depth.append(self.mtp_logits(k, hk))
             mtp = jnp.stack(per_depth)
         if self.medusa is not None:
             medusa = self.medusa_logits(h)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .sampling import greedy
+from .sampling import greedy, probabilities
 
 
 def greedy_accept(drafts, target_tokens):
@@ -56,7 +56,6 @@ def rejection_accept(key, drafts, p, q=None):
 def accept(key, drafts, target_logits, sampling=None, q=None):
     """Verify drafts [b,γ] against target logits [b,γ+1,v] under `sampling` (None or
     temperature 0: greedy). Returns (n [b], next token [b])."""
-    from .sampling import probabilities
     if sampling is None or sampling.greedy:
         return greedy_accept(drafts, greedy(target_logits))
     return rejection_accept(key, drafts, probabilities(target_logits, sampling), q)
