@@ -12,5 +12,6 @@ from .moe import (Routing, add_shared_experts, capacity_dispatch, combine_weight
                   router_z_loss, sigmoid_topk_router, softmax_topk_router,
                   update_router_bias)
 from .sampling import (Sampling, apply_temperature, filter_logits, min_p_logits, probabilities,
-                       sample, top_k_logits, top_p_logits)
+                       sample, sample_rows, top_k_logits, top_p_logits)
 from .speculative import accept, greedy_accept, ngram_propose, rejection_accept
+from .paged import gather_pages, paged_attention, paged_write
