@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 
 from jaxlm.model import sharding
 from jaxlm.model.build import split_layers
+from jaxlm.model.cache import PageIndex
 from jaxlm.model.config import Config
 from jaxlm.model.peft import PeftInputs
 from jaxlm.model.transformer import CausalLM
@@ -101,19 +102,36 @@ def hidden(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCach
     starts = cache.lengths
     peft = None if cache.peft_ids is None else PeftInputs(ids=cache.peft_ids)
     positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)
+    x, new_layers = _blocks(graphs, weights, lm, tokens, positions, cache.layers,
+                            cache.slot_axis, starts=starts, peft=peft)
+    if last is not None:
+        x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
+    return lm.final_hidden(x), dataclasses.replace(cache, layers=new_layers,
+                                                   lengths=starts + t)
+
+
+def paged_hidden(graphs: LayerGraphs, weights: LayerWeights, tokens, positions, pools,
+                 pages: PageIndex):
+    """One packed step over a paged cache (infer/scheduler.py): tokens and positions [1,T]
+    of several sequences, pools one tuple of page pools per layer, pages where each token
+    goes (model.cache.PageIndex). Returns (final hidden states [1,T,d], new pools)."""
+    lm = outer_model(graphs, weights)
+    x, pools = _blocks(graphs, weights, lm, tokens, positions, pools, None, pages=pages)
+    return lm.final_hidden(x), pools
+
+
+def _blocks(graphs, weights, lm, tokens, positions, kvs, slot_axis, **block_kwargs):
+    """Embed, then every Block over its own weights and cache buffers: (x, new buffers)."""
     x = lm.embed_inputs(tokens, positions)
     rope, alibi = lm.position_signals(positions)
     new_layers = []
-    for i, (graph, state, kv) in enumerate(zip(graphs.layers, weights.layers, cache.layers)):
+    for i, (graph, state, kv) in enumerate(zip(graphs.layers, weights.layers, kvs)):
         with jax.named_scope(f"layer{i}"):
             block = nnx.merge(graph, state)
-            x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, starts=starts,
-                             peft=peft)
-        if graphs.mesh is not None:  # keep the cache where it was created (and donated)
+            x, kv, _ = block(x, positions, rope=rope, alibi=alibi, kv=kv, **block_kwargs)
+        if graphs.mesh is not None and slot_axis is not None:
+            # keep the cache where it was created (and donated)
             kv = tuple(jax.lax.with_sharding_constraint(
-                buf, cache_sharding(graphs.mesh, buf, cache.slot_axis)) for buf in kv)
+                buf, cache_sharding(graphs.mesh, buf, slot_axis)) for buf in kv)
         new_layers.append(kv)
-    if last is not None:
-        x = jnp.take_along_axis(x, last[:, None, None].astype(jnp.int32), axis=1)
-    return lm.final_hidden(x), dataclasses.replace(cache, layers=tuple(new_layers),
-                                                   lengths=starts + t)
+    return x, tuple(new_layers)

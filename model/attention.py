@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import heads_to_layout, slot_axis, write_layer
+from .cache import heads_to_layout, paged_implementation, slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -28,12 +28,13 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(cfg, hd, "head_dim", rngs) if cfg.qk_norm else None
 
     def __call__(self, x, positions, *, rope=None, alibi=None, kv=None, starts=None,
-                 segment_ids=None, peft=None, prefix=None):
+                 segment_ids=None, peft=None, prefix=None, pages=None):
         """x [b,t,d], positions [b,t]. With kv=(k_buf, v_buf) (laid out as cache.py says)
         the new keys are written at slots `starts` [b] and attention runs over the cache;
         (out [b,t,d], updated kv or None). prefix: prefix tuning's (keys, values) [P,kh,hd]
         at positions 0..P-1, seen by every query and every segment (training; inference
-        holds them in the cache). peft: PeftInputs for attached LoRAs."""
+        holds them in the cache). peft: PeftInputs for attached LoRAs. pages: a PageIndex
+        when kv is a paged pool pair (k [P,z,k,d], v) and x packs one step's tokens [1,T,d]."""
         cfg = self.cfg
         q, k, v = self.q_proj(x, peft), self.k_proj(x, peft), self.v_proj(x, peft)
         if self.q_norm is not None:
@@ -45,7 +46,9 @@ class Attention(nnx.Module):
         common = dict(causal=True, sliding_window=self.window, scale=cfg.softmax_scale,
                       softcap=cfg.attn_softcap, alibi_slopes=alibi,
                       implementation=cfg.attention_impl)
-        if kv is None and prefix is not None:
+        if pages is not None:
+            out, kv = self._paged(q, k, v, positions, kv, pages, common)
+        elif kv is None and prefix is not None:
             out = self._with_prefix(q, k, v, positions, segment_ids, prefix, common)
         elif kv is None:
             out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions,
@@ -64,6 +67,19 @@ class Attention(nnx.Module):
                                 kv_lengths=starts + x.shape[1], **common)
             kv = (k_buf, v_buf)
         return self.o_proj(out, peft), kv
+
+    def _paged(self, q, k, v, positions, kv, pages, common):
+        """Write the step's K/V into their pages, then attend segment by segment."""
+        k_pages = ops.paged_write(kv[0], k[0], pages.slots)
+        v_pages = ops.paged_write(kv[1], v[0], pages.slots)
+        out = [ops.paged_attention(
+            qs, k_pages, v_pages, seg.block_tables, ps, seg.kv_lengths,
+            sliding_window=common["sliding_window"], scale=common["scale"],
+            softcap=common["softcap"], alibi_slopes=common["alibi_slopes"],
+            implementation=paged_implementation(self.cfg))
+            for seg, qs, ps in zip(pages.segments, pages.split(q[0]), pages.split(positions[0]))]
+        return jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o in out])[None], \
+            (k_pages, v_pages)
 
     def _with_prefix(self, q, k, v, positions, segment_ids, prefix, common):
         """Attention over [prefix ⊕ new] keys: the prefix at positions 0..P-1 with segment

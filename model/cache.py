@@ -128,3 +128,58 @@ def write_layer(buf, new, starts, axis: int = HEADS_FIRST):
         idx[axis] = start
         return jax.lax.dynamic_update_slice(row_buf, row_new.astype(row_buf.dtype), idx)
     return jax.vmap(one)(buf, new, starts)
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["block_tables", "kv_lengths"],
+         meta_fields=["queries"])
+@dataclasses.dataclass
+class PagedRows:
+    """b sequences ("rows") with `queries` new tokens each, attending over their pages.
+        block_tables [b, p]  each row's page ids (slot j of a row: page j // z, offset j % z)
+        kv_lengths   [b]     slots filled per row once this step's tokens are written
+                             (0: a padding row, whose tokens write nowhere)"""
+    block_tables: jax.Array
+    kv_lengths: jax.Array
+    queries: int = 1
+
+
+@partial(jax.tree_util.register_dataclass, data_fields=["slots", "segments"],
+         meta_fields=[])
+@dataclasses.dataclass
+class PageIndex:
+    """Where one continuous-batching step's tokens live in a paged cache (the same for
+    every layer). The step's T tokens [1,T] are the concatenation of segments of uniform
+    rows — decode rows with one token each, then prefill chunks of several — row-major,
+    so each segment's attention is a plain batch of rows (no per-token gather).
+        slots     [T]   each token's flat slot page·z + offset (-1: padding, not written)
+        segments        PagedRows, in token order
+    """
+    slots: jax.Array
+    segments: tuple
+
+    def split(self, a):
+        """a [T,...] (one step's packed tokens) → one [b, queries, ...] per segment."""
+        out, start = [], 0
+        for seg in self.segments:
+            b = seg.block_tables.shape[0]
+            out.append(a[start:start + b * seg.queries].reshape(b, seg.queries, *a.shape[1:]))
+            start += b * seg.queries
+        return out
+
+
+def paged_implementation(cfg: Config) -> str:
+    """ops.paged_attention's implementation for the config: its Pallas kernel when the
+    model runs Pallas attention, else the XLA gather reference (cuDNN has no paged op)."""
+    return "pallas" if cfg.attention_impl == "pallas" else "xla"
+
+
+def paged_buffers(cfg: Config, n_pages: int, page_size: int, dtype=None) -> tuple:
+    """One layer's page pools: (k [P,z,k,d], v [P,z,k,dv]); MLA: ([P,z,1,r+dr],), the
+    latent and the shared RoPE key side by side, attended as one kv head (absorbed form),
+    values being its first r columns."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    if cfg.attention == "mla":
+        return (jnp.zeros((n_pages, page_size, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                          dtype),)
+    shape = (n_pages, page_size, cfg.num_kv_heads, cfg.dim_per_head)
+    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

@@ -2,6 +2,7 @@
 
     python -m jaxlm.model.memory --preset llama3-70b --context 4096
     python -m jaxlm.model.memory --hf-config path/to/config.json --dtype bfloat16
+    python -m jaxlm.model.memory --preset tiny --kv-memory 64MiB --page-size 16
 
 Per token and layer a standard cache stores K and V: 2 · kv_heads · head_dim numbers
 (MHA: kv_heads = heads; MQA: 1). MLA stores the latent and the shared RoPE key:
@@ -39,6 +40,33 @@ def kv_bytes_per_token(cfg: Config, layout: str | None = None, dtype: str | None
         raise ValueError(f"layout={layout!r}; choose mha, gqa, mqa or mla")
     itemsize = np.dtype(_np_dtype(dtype or cfg.dtype)).itemsize
     return cfg.n_layers * _numbers_per_token_layer(cfg, layout) * itemsize
+
+
+def pages_for(cfg: Config, kv_memory: int, page_size: int, dtype: str | None = None) -> int:
+    """Pages of `page_size` tokens (all layers) that `kv_memory` bytes hold: the paged
+    cache's pool size (jaxlm.infer.scheduler, `--kv-memory`)."""
+    per_page = kv_bytes_per_token(cfg, dtype=dtype) * page_size
+    n = int(kv_memory) // per_page
+    if n < 1:
+        raise ValueError(f"kv_memory={kv_memory} bytes holds no page of {page_size} tokens "
+                         f"({per_page} bytes a page); raise --kv-memory")
+    return n
+
+
+def parse_bytes(text: str) -> int:
+    """'512MiB', '2GiB', '1.5GB', '1000000' → bytes."""
+    units = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 1 << 10,
+             "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    s = str(text).strip().lower()
+    num = s.rstrip("kmgtib")
+    try:
+        value = float(num) * units[s[len(num):]]
+    except (ValueError, KeyError):
+        raise ValueError(f"cannot read {text!r} as a size; write e.g. 512MiB, 2GiB or a "
+                         f"byte count") from None
+    if value <= 0:
+        raise ValueError(f"a memory size must be > 0, got {text!r}")
+    return int(value)
 
 
 def _np_dtype(name: str):
@@ -89,6 +117,9 @@ def main(argv=None) -> int:
     src.add_argument("--hf-config", help="a Hugging Face config.json")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--dtype", default=None, help="cache dtype (default: the model's)")
+    p.add_argument("--kv-memory", help="a paged cache budget, e.g. 2GiB: prints the pages "
+                   "and tokens it holds")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")
     args = p.parse_args(argv)
     try:
         if args.context < 1:
@@ -106,6 +137,11 @@ def main(argv=None) -> int:
                 raise ValueError(f"cannot read --hf-config {args.hf_config!r}: {e}") from None
             name, cfg = args.hf_config, config_from_hf(hf)
         print(format_table(name, cfg, args.context, args.dtype))
+        if args.kv_memory:
+            n = pages_for(cfg, parse_bytes(args.kv_memory), args.page_size, args.dtype)
+            tokens = n * args.page_size
+            print(f"--kv-memory {args.kv_memory}: {n} pages of {args.page_size} tokens = "
+                  f"{tokens} tokens ({tokens // args.context} sequences of {args.context})")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

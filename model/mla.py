@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import write_layer
+from .cache import paged_implementation, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -55,8 +55,9 @@ class MLAttention(nnx.Module):
         return self.q_b(self.q_a_norm(self.q_a(x, peft)), peft)
 
     def __call__(self, x, positions, *, rope, kv=None, starts=None, segment_ids=None,
-                 alibi=None, peft=None, prefix=None):
-        """x [b,t,d]; kv = (latent [b,S,r], k_rope [b,S,dr]) cache buffers or None."""
+                 alibi=None, peft=None, prefix=None, pages=None):
+        """x [b,t,d]; kv = (latent [b,S,r], k_rope [b,S,dr]) cache buffers or None; with
+        pages (a PageIndex), kv = (pool [P,z,1,r+dr],) and x packs one step's tokens."""
         del alibi  # MLA is rotary only (checked by Config)
         if prefix is not None:
             raise ValueError("prefix tuning needs per-head keys and values; MLA's cache "
@@ -73,6 +74,9 @@ class MLAttention(nnx.Module):
         mask_args = dict(causal=True, sliding_window=self.window,
                          scale=cfg.softmax_scale, softcap=cfg.attn_softcap,
                          implementation=cfg.attention_impl)
+        if pages is not None:
+            return self._paged(x, q_nope, q_rope, latent, k_rope, positions, kv[0], pages,
+                               mask_args, peft)
         if kv is None:
             mask_args.update(q_positions=positions, kv_positions=positions,
                              q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
@@ -102,3 +106,24 @@ class MLAttention(nnx.Module):
                 axis=-1)
             out = ops.attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, **mask_args)
         return self.o_proj(out, peft), kv
+
+    def _paged(self, x, q_nope, q_rope, latent, k_rope, positions, pool, pages, mask_args,
+               peft):
+        """The absorbed form over a paged [latent ⊕ k_rope] pool (one shared kv head whose
+        values are the latent): the only form that never materialises per-head keys for
+        every page, so paged MLA uses it whatever mla_absorb says (the two are equal)."""
+        dn, r = self.cfg.qk_nope_head_dim, self.cfg.kv_lora_rank
+        pool = ops.paged_write(pool, jnp.concatenate([latent, k_rope], -1)[0, :, None],
+                               pages.slots)
+        w_kv = self.kv_b.weight(x.dtype)
+        w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
+        q_cat = jnp.concatenate([jnp.einsum("bthn,rhn->bthr", q_nope, w_uk), q_rope], -1)
+        o_lat = [ops.paged_attention(
+            qs, pool, None, seg.block_tables, ps, seg.kv_lengths, v_dim=r,
+            sliding_window=mask_args["sliding_window"], scale=mask_args["scale"],
+            softcap=mask_args["softcap"], implementation=paged_implementation(self.cfg))
+            for seg, qs, ps in zip(pages.segments, pages.split(q_cat[0]),
+                                   pages.split(positions[0]))]
+        o_lat = jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o in o_lat])
+        out = jnp.einsum("bthr,rhv->bthv", o_lat[None], w_uv)
+        return self.o_proj(out, peft), (pool,)

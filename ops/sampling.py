@@ -156,3 +156,26 @@ def sample(key, logits, sampling: Sampling | None = None):
         cand = min_p_logits(cand, sampling.min_p)
     choice = jax.random.categorical(key, cand, axis=-1)
     return jnp.take_along_axis(idx, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
+
+
+def sample_rows(keys, logits, temperature, top_k, top_p, min_p):
+    """Each row with its own settings, as a server batches requests: keys [b] (one PRNG
+    key per row), logits [b,v], temperature/top_p/min_p float [b], top_k int [b] (0: off).
+    Temperature 0 is greedy for that row. The same filters in the same order as `sample`
+    (temperature → top-k → top-p → min-p), written over one full descending sort because
+    the settings are data here, not static, so each row's k is a mask on the sorted list.
+    When every row is greedy the sort is skipped at run time (lax.cond)."""
+    def draw(_):
+        t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        cand, idx = jax.lax.top_k(logits.astype(jnp.float32) / t, logits.shape[-1])
+        rank = jnp.arange(cand.shape[-1])[None]
+        keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, cand, NEG_INF), axis=-1)
+        # top_p >= 1 is off: the mass before a tail token may round up to 1.0.
+        keep &= ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+        # p_i / p_max = exp(l_i - l_max) whatever the normalisation, as min_p_logits keeps.
+        keep &= jnp.exp(cand - cand[:, :1]) >= min_p[:, None]
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, cand, NEG_INF))
+        drawn = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(temperature > 0, drawn, greedy(logits))
+    return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy(logits), None)
