@@ -1,0 +1,157 @@
+"""`python -m jaxlm.serve`: an OpenAI-compatible HTTP server over the continuous-batching
+Scheduler.
+
+    python -m jaxlm.serve --hf ~/models/Qwen3-0.6B --port 8000
+    python -m jaxlm.serve --checkpoint runs/tiny --model-name tiny --api-key secret
+    python -m jaxlm.serve --hf DIR --adapter PEFT_DIR --kv-memory 2GiB --max-seqs 32
+
+--adapter serves one PEFT adapter: a LoRA is folded into the weights (merged once at
+load, so decode costs what the base model's does), a bottleneck adapter runs as it is;
+prefix tuning is refused (the paged scheduler has no pages for its virtual tokens). Prints
+"serving NAME on http://HOST:PORT" once it accepts connections (--port 0 picks a free
+port, and the line tells which). SIGTERM or Ctrl-C stops accepting, lets running requests
+finish for up to --shutdown-timeout seconds, cancels the rest and exits 0. Bad flags end
+with one `error: ...` line and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, as every jaxlm CLI ends on bad input
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = _Parser(prog="python -m jaxlm.serve", description="Serve a jaxlm model over an "
+                "OpenAI-compatible HTTP API.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="a local Hugging Face model directory")
+    src.add_argument("--checkpoint", metavar="RUN_DIR", help="a `python -m jaxlm.train` run")
+    p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
+    p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT adapter directory (LoRA: merged)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port")
+    p.add_argument("--model-name", help="the model id clients send (default: the "
+                   "directory's name)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--kv-memory", default=None, metavar="SIZE",
+                   help="KV-cache pool size, e.g. 512MiB or 2GiB (default: the scheduler's)")
+    p.add_argument("--max-seqs", type=int, default=16, help="sequences decoded together")
+    p.add_argument("--max-batched-tokens", type=int, default=256,
+                   help="tokens per model step (prefill chunks + decodes)")
+    p.add_argument("--max-len", type=int, help="prompt + new tokens per request "
+                   "(default: the model's max_position)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="refuse (HTTP 429) a request when this many are already waiting")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="seconds running requests get to finish on SIGTERM")
+    p.add_argument("--log-level", default="warning",
+                   choices=("critical", "error", "warning", "info", "debug"))
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """The checks that need no model, so bad flags fail before anything loads."""
+    for flag in ("page_size", "max_seqs", "max_batched_tokens"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
+                             f"got {getattr(args, flag)}")
+    if args.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0, got {args.shutdown_timeout}")
+    if args.max_len is not None and args.max_len < 2:
+        raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
+    if args.kv_memory is not None:
+        from jaxlm.model.memory import parse_bytes
+        args.kv_memory = parse_bytes(args.kv_memory)
+    path = args.checkpoint or args.hf
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; pass an existing "
+                         f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
+    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
+    if args.adapter:
+        from jaxlm.model.io.peft import read_peft_config
+        read_peft_config(args.adapter)
+
+
+def load(args):
+    """(lm, tokenizer or None, stop ids), with --adapter attached (a LoRA merged)."""
+    from jaxlm.infer.cli import load as load_model
+    # infer.cli.load reads these flags too; a server has no prompt to encode up front
+    lm, tokenizer, stops = load_model(argparse.Namespace(
+        checkpoint=args.checkpoint, hf=args.hf, step=args.step, dtype=args.dtype,
+        prompt=None))
+    from jaxlm.model import peft
+    if args.adapter:
+        from jaxlm.model.io.peft import load_peft
+        lm = load_peft(lm, args.adapter)
+    if peft.loras(lm):  # --adapter's, or a PEFT run's own: folded in, decode at base cost
+        lm = peft.merge(lm)
+    return lm, tokenizer, stops
+
+
+def build_app(args):
+    from jaxlm.infer.scheduler import Scheduler
+
+    from .app import create_app
+    from .chat import load_template
+    lm, tokenizer, stops = load(args)
+    sched = Scheduler(lm, tokenizer=tokenizer, page_size=args.page_size,
+                      kv_memory=args.kv_memory, max_seqs=args.max_seqs,
+                      max_batched_tokens=args.max_batched_tokens, max_len=args.max_len)
+    name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint or args.hf))
+    template = load_template(args.hf) if tokenizer is not None else None
+    return create_app(sched, tokenizer=tokenizer, model_name=name, stop_tokens=stops,
+                      chat_template=template, api_key=args.api_key,
+                      max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout), name
+
+
+def serve(args) -> None:
+    import uvicorn
+    app, name = build_app(args)
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:  # listening now; --port 0 learns its port here
+                host, port = self.servers[0].sockets[0].getsockname()[:2]
+                print(f"serving {name} on http://{host}:{port}", flush=True)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.shutdown_timeout,
+                            lifespan="on")
+    server = Server(config)
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the
+    # default handlers that would kill us (SIGTERM → status -15) after a clean stop
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    server.run()
+    if not server.started:
+        raise ValueError(f"could not serve on {args.host}:{args.port} (see the log above)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        serve(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
