@@ -131,12 +131,7 @@ def check_args(args) -> None:
         msg = str(e).replace("Sampling.", "--").replace("top_", "top-").replace("min_p",
                                                                                 "min-p")
         raise ValueError(msg) from None
-    path = args.checkpoint or args.hf
-    if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is not a directory; pass an existing "
-                         f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
-    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
+    check_source(args)
     if args.prompt is None and args.prompt_ids is None:
         args.prompt = ["Hello"]
     for text in args.prompt or []:
@@ -149,6 +144,16 @@ def check_args(args) -> None:
     for path in args.adapter or []:
         read_peft_config(path)   # a directory holding adapter_config.json, before any loading
     adapter_ids(args)
+
+
+def check_source(args) -> None:
+    """--checkpoint RUN or --hf DIR names a directory of the right kind (also the server's)."""
+    path = args.checkpoint or args.hf
+    if not os.path.isdir(path):
+        raise ValueError(f"{path!r} is not a directory; pass an existing "
+                         f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
+    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
 
 
 def speculating(args) -> bool:

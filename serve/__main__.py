@@ -75,12 +75,8 @@ def check_args(args) -> None:
     if args.kv_memory is not None:
         from jaxlm.model.memory import parse_bytes
         args.kv_memory = parse_bytes(args.kv_memory)
-    path = args.checkpoint or args.hf
-    if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is not a directory; pass an existing "
-                         f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
-    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
+    from jaxlm.infer.cli import check_source
+    check_source(args)
     if args.adapter:
         from jaxlm.model.io.peft import read_peft_config
         read_peft_config(args.adapter)
