@@ -6,13 +6,14 @@
         for event in sched.step():      # Event(id, tokens, finished, reason)
             ...
 
-Each `step` is one jitted forward over a PACKED batch of T tokens (model.cache.PageIndex):
-one token for every running sequence that is decoding, and chunks of the prompts of
-sequences still prefilling, under a token budget (`max_batched_tokens`) and a row limit
-(`max_seqs`) — vLLM's chunked prefill, so a long prompt never stalls the decoders. Every
-row whose tokens reach the end of what it knows samples its next token with its own
-settings and key (fold_in(seed, tokens generated so far), so a request draws the same
-tokens however it was batched or preempted).
+Each `step` is one device call (infer/steps.py). While sequences are prefilling it is one
+forward over a decode segment (one token for every decoding sequence) and a prefill
+segment (chunks of prompts), under a token budget (`max_batched_tokens`) and a row limit
+(`max_seqs`) — vLLM's chunked prefill, so a long prompt never stalls the decoders. While
+every sequence decodes, it is `decode_steps` tokens per sequence in one call. Every row
+whose tokens reach the end of what it knows samples its next token with its own settings
+and key (fold_in(seed, tokens generated so far), so a request draws the same tokens
+however it was batched or preempted).
 
 Memory: the pool's pages (infer/pages.py) are taken as sequences grow and returned when
 they end. When a running sequence needs a page and none is left, the newest running
@@ -20,17 +21,13 @@ sequence is preempted: its pages are released (full ones stay findable by their 
 key) and it waits at the head of the queue to be recomputed from its prompt and the
 tokens it already generated, as vLLM's recompute preemption does.
 
-Shapes: the decode segment is always `max_seqs` rows; the prefill segment is m rows × c
-tokens, m and c powers of two (c ≥ 16) with m·c ≤ 2·max_batched_tokens; the block tables'
-width is a power of two of pages (≥ 4) covering the step's longest row, up to max_len. So
-a program is one (m, c, pages): a few dozen at most, and steady decode of similar lengths
-reuses one or two (`compiled_programs`; benchmarks/serve.py reports the count).
+Shapes come from a fixed menu (steps.Shapes): `warmup()` compiles all of it, after which
+serving never compiles (`compiled_programs`; tested).
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import uuid
 
@@ -41,10 +38,11 @@ import numpy as np
 from jaxlm.model.cache import PageIndex, PagedRows, paged_buffers
 from jaxlm.model.memory import kv_bytes_per_token, pages_for
 from jaxlm.model.transformer import CausalLM
-from jaxlm.ops.sampling import Sampling, sample_rows
+from jaxlm.ops.sampling import Sampling
 
-from .forward import outer_model, paged_hidden, split_model
+from .forward import split_model
 from .pages import PagePool, page_keys
+from .steps import DecodeInputs, MixedInputs, RowSampling, Shapes, compiled
 
 
 @dataclasses.dataclass
@@ -88,49 +86,6 @@ class _Seq:
         return self.tokens[self.n_prompt:]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "tokens", "positions", "pages", "last", "temperature", "top_k", "top_p", "min_p",
-    "seeds", "counters", "copy_src", "copy_dst"], meta_fields=[])
-@dataclasses.dataclass
-class _StepInputs:
-    tokens: jax.Array        # [T]
-    positions: jax.Array     # [T]
-    pages: PageIndex
-    last: jax.Array          # [n] each row's last token's index in T
-    temperature: jax.Array   # [n] float; 0 = greedy
-    top_k: jax.Array         # [n] int; 0 = off
-    top_p: jax.Array         # [n] float; 1 = off
-    min_p: jax.Array         # [n] float; 0 = off
-    seeds: jax.Array         # [n] int
-    counters: jax.Array      # [n] tokens the row has generated (the key's fold-in)
-    copy_src: jax.Array      # [n] pages copied before the step (copy-on-write) ...
-    copy_dst: jax.Array      # [n] ... into these (P: no copy)
-
-
-def _step(graphs, weights, pools, x: _StepInputs):
-    """Copy-on-write copies, one packed forward, then one token per row ([n])."""
-    pools = tuple(tuple(buf.at[x.copy_dst].set(buf[jnp.minimum(x.copy_src, buf.shape[0] - 1)],
-                                               mode="drop") for buf in layer)
-                  for layer in pools)
-    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
-                            x.pages)
-    logits = outer_model(graphs, weights).project(h[:, x.last])[0]          # [n,v]
-    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(
-        x.seeds, x.counters)
-    return sample_rows(keys, logits, x.temperature, x.top_k, x.top_p, x.min_p), pools
-
-
-@functools.lru_cache(maxsize=8)
-def _compiled_step(graphs):
-    """_step with the model's graphs bound: as a static jit argument they would be hashed
-    on every step (~1 ms); cached, so schedulers of one model share compiled programs."""
-    return jax.jit(functools.partial(_step, graphs), donate_argnums=(1,))
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 class Scheduler:
     """Continuous batching of Requests over a paged cache (see the module docstring).
 
@@ -138,12 +93,14 @@ class Scheduler:
     (n_pages derived from it); or n_pages directly; default: room for max_seqs sequences
     of max_len. max_len: prompt + generated tokens per request (default the model's
     max_position). tokenizer: needed only for stop strings. prefix_sharing: reuse full
-    pages of earlier prompts. cache_dtype: the pools' dtype (default the model's)."""
+    pages of earlier prompts. cache_dtype: the pools' dtype (default the model's).
+    decode_steps: tokens per row per device call while every sequence decodes (K; 1: one
+    step per call)."""
 
     def __init__(self, lm: CausalLM, *, tokenizer=None, page_size: int = 16,
                  kv_memory: int | None = None, n_pages: int | None = None, max_seqs: int = 16,
                  max_batched_tokens: int = 256, max_len: int | None = None,
-                 prefix_sharing: bool = True, cache_dtype=None):
+                 prefix_sharing: bool = True, cache_dtype=None, decode_steps: int = 4):
         cfg = self.cfg = lm.cfg
         if getattr(lm, "prefix", None) is not None:
             raise ValueError("the paged scheduler serves LoRA and bottleneck adapters, not "
@@ -169,7 +126,10 @@ class Scheduler:
             n_pages = pages_for(cfg, kv_memory, page_size, dtype.name)
         self.pool = PagePool(n_pages or max_seqs * self.pages_per_seq, page_size)
         self.graphs, self.weights = split_model(lm)
-        self._step = _compiled_step(self.graphs)
+        if not isinstance(decode_steps, int) or decode_steps < 1:
+            raise ValueError(f"decode_steps must be an int >= 1, got {decode_steps!r}")
+        self.decode_steps = decode_steps
+        self.menu = Shapes(max_seqs, max_batched_tokens, self.pages_per_seq)
         self.pools = tuple(paged_buffers(cfg, self.pool.n_pages, page_size, dtype)
                            for _ in range(cfg.n_layers))
         self.tokenizer, self.prefix_sharing = tokenizer, prefix_sharing
@@ -177,7 +137,7 @@ class Scheduler:
         self.running: dict[str, _Seq] = {}
         self.free_rows = list(range(max_seqs))
         self._order = itertools.count()
-        self.shapes: set[int] = set()
+        self.shapes: set[tuple] = set()    # (m, c, table width) or ("decode", K, width)
         self.counts = collections.Counter()   # prefix_hit_tokens, preemptions, tokens
 
     # ---- requests ---------------------------------------------------------------------
@@ -247,17 +207,22 @@ class Scheduler:
     # ---- one step ---------------------------------------------------------------------
 
     def step(self) -> list[Event]:
-        """Schedule, run one packed forward, and report each request's new tokens."""
+        """Schedule, run one device call, and report each request's new tokens."""
         work, copies = self._schedule()
         if not work:
             return []
+        if self.decode_steps > 1 and not copies and all(
+                k == 1 and seq.computed + 1 == len(seq.tokens) for seq, k in work):
+            return self._decode_run([seq for seq, _ in work])
         sampled = self._run(work, copies)
         events = []
         for seq, n in work:
             seq.computed += n
             self._register_full_pages(seq)
             if seq.row in sampled:
-                events.append(self._emit(seq, sampled[seq.row]))
+                events.append(self._emit(seq, [sampled[seq.row]]))
+                if events[-1].finished:
+                    self._retire(seq)
         return events
 
     def _schedule(self):
@@ -267,9 +232,9 @@ class Scheduler:
         for seq in sorted(self.running.values(), key=lambda s: s.order):
             if seq.req.id not in self.running:   # preempted by an older one just now
                 continue
-            n = min(len(seq.tokens) - seq.computed, budget, self._chunk_cap(work))
+            n = self._chunk(len(seq.tokens) - seq.computed, budget, work)
             if n < 1:
-                break
+                continue
             while not self._reserve(seq, seq.computed + n):
                 victim = max(self.running.values(), key=lambda s: s.order)
                 self._preempt(victim)
@@ -281,7 +246,7 @@ class Scheduler:
         # No admissions in a step that had to preempt: pages are short.
         while (self.waiting and self.free_rows and budget > 0
                and self.counts["preemptions"] == preempted):
-            admitted = self._admit(self.waiting[0], min(budget, self._chunk_cap(work)), copies)
+            admitted = self._admit(self.waiting[0], budget, work, copies)
             if admitted is None:
                 break
             self.waiting.popleft()
@@ -289,16 +254,15 @@ class Scheduler:
             budget -= admitted[1]
         return work, copies
 
-    def _chunk_cap(self, work) -> int:
-        """The longest chunk one more sequence may bring so that the prefill segment,
-        padded to m rows × c tokens (powers of two), stays within twice the token budget
-        (1: only a decode-sized token fits)."""
-        chunks = [k for _, k in work if k > 1]
-        m = _next_pow2(len(chunks) + 1)
-        cap = 1 << (2 * self.max_batched_tokens // m).bit_length() - 1   # a power of two
-        return cap if not chunks or max(16, _next_pow2(max(chunks))) <= cap else 1
+    def _chunk(self, need: int, budget: int, work) -> int:
+        """Tokens a sequence that needs `need` more brings this step: one goes in the
+        decode segment; a longer chunk must fit the menu's prefill shapes (0: not now)."""
+        n = min(need, budget)
+        if n <= 1:
+            return n
+        return min(n, self.menu.chunk_cap([k for _, k in work if k > 1]))
 
-    def _admit(self, seq: _Seq, budget: int, copies: list):
+    def _admit(self, seq: _Seq, budget: int, work: list, copies: list):
         """Take rows and pages for seq's first chunk (matched prefix pages first), or None
         if the pool cannot hold that chunk now."""
         z = self.page_size
@@ -307,9 +271,9 @@ class Scheduler:
         computed = len(matched) * z
         cow = computed == len(seq.tokens)   # all known: recompute the last token
         computed -= cow
-        n = min(len(seq.tokens) - computed, budget)
+        n = self._chunk(len(seq.tokens) - computed, budget, work)
         need = -(-(computed + n) // z) - len(matched) + cow
-        if need > self.pool.available:
+        if n < 1 or need > self.pool.available:
             self.pool.release(matched)
             return None
         if cow:   # the last token's slot is in a shared page: write into a private copy
@@ -362,47 +326,42 @@ class Scheduler:
                 self.pool.register(seq.pages[i], seq.keys[i])
             seq.registered = full
 
-    def _emit(self, seq: _Seq, token: int) -> Event:
-        seq.tokens.append(token)
-        self.counts["tokens"] += 1
-        req, out = seq.req, seq.generated
-        reason = None
-        if token in req.stop_tokens:
-            reason = "stop"
-        elif req.stop_strings and any(s in self.tokenizer.decode(out)
-                                      for s in req.stop_strings):
-            reason = "stop"
-        elif len(out) >= req.max_tokens:
-            reason = "length"
-        if reason is not None:
-            self._retire(seq)
-        return Event(req.id, [token], reason is not None, reason)
+    def _emit(self, seq: _Seq, tokens: list) -> Event:
+        """Append sampled tokens until one finishes the request (the rest are dropped);
+        the caller retires a finished one once its full pages are registered."""
+        req, reason, taken = seq.req, None, []
+        for token in tokens:
+            seq.tokens.append(token)
+            taken.append(token)
+            out = seq.generated
+            if token in req.stop_tokens:
+                reason = "stop"
+            elif req.stop_strings and any(s in self.tokenizer.decode(out)
+                                          for s in req.stop_strings):
+                reason = "stop"
+            elif len(out) >= req.max_tokens:
+                reason = "length"
+            if reason is not None:
+                break
+        self.counts["tokens"] += len(taken)
+        return Event(req.id, taken, reason is not None, reason)
 
-    # ---- the device step --------------------------------------------------------------
+    # ---- the device calls -------------------------------------------------------------
 
     def _run(self, work, copies) -> dict[int, int]:
-        """Pack the work into arrays, run _step, return {row: sampled token} for the rows
-        whose chunk reached the end of their known tokens.
-
-        Layout (model.cache.PageIndex): a decode segment of max_seqs rows × 1 token (row r
-        of the scheduler at index r; idle rows are padding), then a prefill segment of
-        m rows × c tokens for the chunks longer than one token (m, c powers of two)."""
+        """One mixed step (infer/steps.py): {row: sampled token} for the rows whose chunk
+        reached the end of their known tokens."""
         n, z = self.max_seqs, self.page_size
         chunks = [(seq, k) for seq, k in work if k > 1]
-        m, c = (_next_pow2(len(chunks)), max(16, _next_pow2(max(k for _, k in chunks)))) \
-            if chunks else (0, 0)
+        m, c = self.menu.segment([k for _, k in chunks]) if chunks else (0, 0)
+        width = self.menu.table_width(max(len(seq.pages) for seq, _ in work))
+        self.shapes.add((m, c, width))
         t = n + m * c
-        pages = min(max(4, _next_pow2(max(len(seq.pages) for seq, _ in work))),
-                    self.pages_per_seq)
-        self.shapes.add((m, c, pages))
         tokens, positions, slots = (np.zeros(t, np.int32), np.zeros(t, np.int32),
                                     np.full(t, -1, np.int32))
-        tables = [np.zeros((n, pages), np.int32), np.zeros((m, pages), np.int32)]
+        tables = [np.zeros((n, width), np.int32), np.zeros((m, width), np.int32)]
         lengths = [np.zeros(n, np.int32), np.zeros(m, np.int32)]
-        last = np.zeros(n, np.int32)
-        temp, top_p = np.zeros(n, np.float32), np.ones(n, np.float32)
-        top_k, min_p = np.zeros(n, np.int32), np.zeros(n, np.float32)
-        seeds, counters = np.zeros(n, np.int32), np.zeros(n, np.int32)
+        last, sampling = np.zeros(n, np.int32), RowSampling.empty(n)
         src, dst = np.zeros(n, np.int32), np.full(n, self.pool.n_pages, np.int32)
         for i, (a, b) in enumerate(copies):
             src[i], dst[i] = a, b
@@ -420,15 +379,70 @@ class Scheduler:
             lengths[seg][row], last[r] = seq.computed + k, i + k - 1
             if seq.computed + k == len(seq.tokens):
                 sampling_rows.append(r)
-                s = seq.req.sampling
-                if s is not None and not s.greedy:
-                    temp[r], top_k[r] = s.temperature, s.top_k or 0
-                    top_p[r], min_p[r] = s.top_p or 1.0, s.min_p or 0.0
-                seeds[r], counters[r] = seq.req.seed % (1 << 31), len(seq.generated)
+                sampling.set(r, seq.req, len(seq.generated))
         segments = (PagedRows(tables[0], lengths[0], 1),) + (
             (PagedRows(tables[1], lengths[1], c),) if m else ())
-        x = _StepInputs(tokens, positions, PageIndex(slots, segments), last, temp, top_k,
-                        top_p, min_p, seeds, counters, src, dst)
-        out, self.pools = self._step(self.weights, self.pools, x)
+        x = MixedInputs(tokens, positions, PageIndex(slots, segments), last, sampling, src,
+                        dst)
+        out, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
         out = np.asarray(out)
         return {r: int(out[r]) for r in sampling_rows}
+
+    def _decode_run(self, seqs) -> list[Event]:
+        """K decode steps in one call while every running sequence decodes. Each row takes
+        pages for up to K more slots if the pool has them (never preempting for it) and
+        keeps the tokens up to its first finish and within those pages."""
+        n, z, steps = self.max_seqs, self.page_size, self.decode_steps
+        for seq in seqs:
+            room = min(steps, seq.req.max_tokens - len(seq.generated))
+            self._reserve(seq, min(seq.computed + room, self.pages_per_seq * z))
+        width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
+        self.shapes.add(("decode", steps, width))
+        x = DecodeInputs(np.zeros(n, np.int32), np.zeros(n, np.int32),
+                         np.zeros((n, width), np.int32), np.zeros(n, np.int32),
+                         np.zeros(n, np.int32), RowSampling.empty(n))
+        for seq in seqs:
+            r = seq.row
+            x.tokens[r], x.positions[r] = seq.tokens[-1], seq.computed
+            x.tables[r, :len(seq.pages)] = seq.pages
+            x.lengths[r], x.limits[r] = seq.computed + 1, len(seq.pages) * z
+            x.sampling.set(r, seq.req, len(seq.generated))
+        out, self.pools = compiled(self.graphs, steps)(self.weights, self.pools, x)
+        out = np.asarray(out)
+        events = []
+        for seq in seqs:
+            room = len(seq.pages) * z - seq.computed       # slots its writes could use
+            event = self._emit(seq, out[:min(steps, room), seq.row].tolist())
+            # K/V were written for the token fed first and for each kept token fed after it
+            seq.computed += 1 + min(len(event.tokens), steps - 1, room - 1)
+            self._register_full_pages(seq)
+            if event.finished:
+                self._retire(seq)
+            events.append(event)
+        return events
+
+    def warmup(self) -> int:
+        """Compile every program of the menu now (running each on padding rows, which
+        write nothing), so serving never stops to compile. Returns how many."""
+        n = self.max_seqs
+        before = set(self.shapes)
+        for width in self.menu.pages:
+            for m, c in [(0, 0)] + self.menu.prefill:
+                t = n + m * c
+                segments = (PagedRows(np.zeros((n, width), np.int32), np.zeros(n, np.int32)),
+                            ) + ((PagedRows(np.zeros((m, width), np.int32),
+                                            np.zeros(m, np.int32), c),) if m else ())
+                x = MixedInputs(np.zeros(t, np.int32), np.zeros(t, np.int32),
+                                PageIndex(np.full(t, -1, np.int32), segments),
+                                np.zeros(n, np.int32), RowSampling.empty(n),
+                                np.zeros(n, np.int32), np.full(n, self.pool.n_pages, np.int32))
+                _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
+                self.shapes.add((m, c, width))
+            if self.decode_steps > 1:
+                x = DecodeInputs(*(np.zeros(n, np.int32),) * 2, np.zeros((n, width), np.int32),
+                                 *(np.zeros(n, np.int32),) * 2, RowSampling.empty(n))
+                _, self.pools = compiled(self.graphs, self.decode_steps)(
+                    self.weights, self.pools, x)
+                self.shapes.add(("decode", self.decode_steps, width))
+        jax.block_until_ready(self.pools)
+        return len(self.shapes - before)

@@ -19,6 +19,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, as every jaxlm CLI ends on bad input
@@ -53,6 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (not on /health)")
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="seconds running requests get to finish on SIGTERM")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every step "
+                   "shape before serving (the first requests then wait for compiles)")
+    p.add_argument("--decode-steps", type=int, default=4, help="tokens per sequence per "
+                   "device call while all sequences decode (1: one step per call)")
     p.add_argument("--log-level", default="warning",
                    choices=("critical", "error", "warning", "info", "debug"))
     return p.parse_args(argv)
@@ -60,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def check_args(args) -> None:
     """The checks that need no model, so bad flags fail before anything loads."""
-    for flag in ("page_size", "max_seqs", "max_batched_tokens"):
+    for flag in ("page_size", "max_seqs", "max_batched_tokens", "decode_steps"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, "
                              f"got {getattr(args, flag)}")
@@ -106,7 +111,15 @@ def build_app(args):
     lm, tokenizer, stops = load(args)
     sched = Scheduler(lm, tokenizer=tokenizer, page_size=args.page_size,
                       kv_memory=args.kv_memory, max_seqs=args.max_seqs,
-                      max_batched_tokens=args.max_batched_tokens, max_len=args.max_len)
+                      max_batched_tokens=args.max_batched_tokens, max_len=args.max_len,
+                      decode_steps=args.decode_steps)
+    print(f"KV cache: {sched.pool.n_pages} pages of {sched.page_size} tokens = "
+          f"{sched.capacity_tokens} tokens", file=sys.stderr, flush=True)
+    if not args.no_warmup:
+        start = time.perf_counter()
+        n = sched.warmup()
+        print(f"compiled {n} step programs in {time.perf_counter() - start:.0f} s",
+              file=sys.stderr, flush=True)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint or args.hf))
     template = load_template(args.hf) if tokenizer is not None else None
     return create_app(sched, tokenizer=tokenizer, model_name=name, stop_tokens=stops,

@@ -68,14 +68,17 @@ def random_requests(rng, n, shared=None):
     return reqs
 
 
-@pytest.mark.parametrize("page_size,n_pages,budget", [(4, 40, 32), (8, 14, 16)])
+@pytest.mark.parametrize("page_size,n_pages,budget,steps", [(4, 40, 32, 4), (8, 14, 16, 1)])
 def test_greedy_equals_generate_under_random_arrivals_and_preemption(page_size, n_pages,
-                                                                     budget):
+                                                                     budget, steps):
     rng = np.random.default_rng(page_size)
     shared = rng.integers(0, CFG.vocab_size, 20).tolist()
     arrivals = random_requests(rng, 10, shared)
     sched = Scheduler(LM, page_size=page_size, n_pages=n_pages, max_seqs=6,
-                      max_batched_tokens=budget)
+                      max_batched_tokens=budget, decode_steps=steps)
+    if page_size == 4:   # a warmed-up scheduler never compiles while serving
+        assert sched.warmup() == sched.menu.count(sched.decode_steps)
+    menu = set(sched.shapes)
     got = drive(sched, arrivals)
     want = reference(LM, [r for _, r in arrivals])
     assert got == want
@@ -85,11 +88,9 @@ def test_greedy_equals_generate_under_random_arrivals_and_preemption(page_size, 
     if n_pages == 14:   # 6 rows of up to 64 tokens cannot fit 14 pages of 8
         assert stats_["preemptions"] > 0
     assert stats_["prefix_hit_tokens"] > 0
-    # (prefill rows m, chunk c, pages p): each a power of two (m = 0: decode only)
-    log2 = lambda x: int(np.ceil(np.log2(x)))
-    bound = (log2(6) + 2) * (log2(budget) + 1) * (log2(sched.pages_per_seq) + 1)
-    assert sched.compiled_programs <= bound
-    assert all(m * c <= 2 * budget for m, c, _ in sched.shapes)
+    assert sched.compiled_programs <= sched.menu.count(sched.decode_steps)
+    if menu:
+        assert sched.shapes == menu
 
 
 def test_prefix_pages_are_shared_and_copied_on_write():
@@ -138,7 +139,7 @@ def test_cancel_frees_pages_at_once():
     assert not sched.cancel(a.id)
     c = Request([5], max_tokens=3)
     sched.submit(c)
-    assert sched.cancel(c.id) and not sched.waiting
+    assert sched.cancel(c.id) and c.id not in [s.req.id for s in sched.waiting]
     while sched.has_work:
         sched.step()
     assert sched.pool.in_use == 0

@@ -375,19 +375,27 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
     config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=128, eos_token_id=1)
-    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    hf = LlamaForCausalLM(config)
+    hf.save_pretrained(tmp_path)
+    want = hf.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False,
+                       eos_token_id=1, pad_token_id=0)[0, 3:].tolist()
+    # a small menu (one table width, one prefill shape) keeps the warm-up to 3 programs
     proc = subprocess.Popen([sys.executable, "-m", "jaxlm.serve", "--hf", str(tmp_path),
                              "--port", "0", "--model-name", "llama", "--shutdown-timeout",
-                             "5"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "5", "--max-seqs", "2", "--max-batched-tokens", "16",
+                             "--max-len", "64", "--page-size", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         assert line.startswith("serving llama on http://"), (line, proc.stderr.read())
         url = line.split()[-1]
         r = post(url + "/v1/completions", {"model": "llama", "prompt": [3, 4, 5],
-                                           "max_tokens": 4, "return_token_ids": True})
-        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) <= 4
+                                           "max_tokens": 4, "return_token_ids": True,
+                                           "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == want
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0, proc.stderr.read()
+        assert "compiled 3 step programs" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()

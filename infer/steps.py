@@ -1,0 +1,159 @@
+"""The scheduler's device programs and the few shapes they are compiled for.
+
+Two programs, each one jitted call over the paged pools (donated, updated in place):
+  * `mixed_step`: one forward over a decode segment (every scheduler row, one token each;
+    idle rows are padding) and a prefill segment of m rows × c tokens, then one sampled
+    token per row. Copy-on-write page copies run first.
+  * `decode_steps`: K decode steps in one `fori_loop` when every running sequence is
+    decoding: K tokens per row per host round trip, so the Python scheduling, dispatch and
+    the HTTP layer's per-token work are paid once per K tokens. A row that stops early
+    (stop token, max_tokens) has its extra tokens dropped by the host; its writes stop at
+    the pages it reserved (`limits`), so they never touch another sequence's pages.
+
+Shapes come from a small fixed menu (`Shapes`) so a server compiles them all once at start
+(`Scheduler.warmup`) and never while serving: prefill segments whose m·c is 64 or the token
+budget, with c a power of two ≥ 16 (or the budget itself), and block tables covering ¼, ½
+or all of max_len. With the defaults (16 rows, 256 tokens, 3 table widths) that is
+(8 prefill shapes + decode only + K decode steps) × 3 = 30 programs. Finer chunk sizes pad
+less (a 72-token prompt is a 128-token row, not 256) at the price of more programs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.model.cache import PageIndex, PagedRows
+from jaxlm.ops.sampling import sample_rows
+
+from .forward import outer_model, paged_hidden
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "temperature", "top_k", "top_p", "min_p", "seeds", "counters"], meta_fields=[])
+@dataclasses.dataclass
+class RowSampling:
+    """Each row's sampling settings and key material, [n] each (0 temperature: greedy)."""
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    seeds: jax.Array
+    counters: jax.Array      # tokens the row has generated: the key is fold_in(seed, it)
+
+    @classmethod
+    def empty(cls, n: int) -> "RowSampling":
+        return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
+                   np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32))
+
+    def set(self, r: int, request, generated: int) -> None:
+        s = request.sampling
+        if s is not None and not s.greedy:
+            self.temperature[r], self.top_k[r] = s.temperature, s.top_k or 0
+            self.top_p[r], self.min_p[r] = s.top_p or 1.0, s.min_p or 0.0
+        self.seeds[r], self.counters[r] = request.seed % (1 << 31), generated
+
+    def sample(self, logits, offset=0):
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(
+            self.seeds, self.counters + offset)
+        return sample_rows(keys, logits, self.temperature, self.top_k, self.top_p,
+                           self.min_p)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "tokens", "positions", "pages", "last", "sampling", "copy_src", "copy_dst"],
+    meta_fields=[])
+@dataclasses.dataclass
+class MixedInputs:
+    tokens: jax.Array        # [T] decode segment (n), then prefill segment (m·c)
+    positions: jax.Array     # [T]
+    pages: PageIndex
+    last: jax.Array          # [n] each row's last token's index in T
+    sampling: RowSampling
+    copy_src: jax.Array      # [n] pages copied before the step (copy-on-write) ...
+    copy_dst: jax.Array      # [n] ... into these (P, out of range: no copy)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "tokens", "positions", "tables", "lengths", "limits", "sampling"], meta_fields=[])
+@dataclasses.dataclass
+class DecodeInputs:
+    tokens: jax.Array        # [n] each row's last known token (fed first)
+    positions: jax.Array     # [n] its position; lengths = positions + 1 (0: idle row)
+    tables: jax.Array        # [n, p]
+    lengths: jax.Array       # [n]
+    limits: jax.Array        # [n] slots the row's pages hold: writes stop there
+    sampling: RowSampling
+
+
+def _mixed(graphs, weights, pools, x: MixedInputs):
+    pools = tuple(tuple(buf.at[x.copy_dst].set(buf[jnp.minimum(x.copy_src, buf.shape[0] - 1)],
+                                               mode="drop") for buf in layer)
+                  for layer in pools)
+    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
+                            x.pages)
+    logits = outer_model(graphs, weights).project(h[:, x.last])[0]          # [n,v]
+    return x.sampling.sample(logits), pools
+
+
+def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
+    z = pools[0][0].shape[1]
+    live = x.lengths > 0
+
+    def body(i, carry):
+        tokens, pools, out = carry
+        pos = x.positions + i
+        page = jnp.take_along_axis(x.tables, jnp.minimum(pos // z, x.tables.shape[1] - 1)[:, None],
+                                   axis=1)[:, 0]
+        slots = jnp.where(live & (pos < x.limits), page * z + pos % z, -1)
+        lengths = jnp.where(live, jnp.minimum(pos + 1, x.limits), 0)
+        index = PageIndex(slots, (PagedRows(x.tables, lengths, 1),))
+        h, pools = paged_hidden(graphs, weights, tokens[None], pos[None], pools, index)
+        new = x.sampling.sample(outer_model(graphs, weights).project(h)[0], i)
+        return new, pools, out.at[i].set(new)
+
+    out = jnp.zeros((steps, x.tokens.shape[0]), jnp.int32)
+    _, pools, out = jax.lax.fori_loop(0, steps, body, (x.tokens, pools, out))
+    return out, pools
+
+
+@functools.lru_cache(maxsize=8)
+def compiled(graphs, steps: int = 0):
+    """The jitted program with the model's graphs bound (as a static jit argument they
+    would be hashed every step, ~1 ms); cached, so schedulers of one model share them.
+    steps 0: mixed_step; K: decode_steps over K tokens."""
+    fn = functools.partial(_decode, graphs, steps) if steps else functools.partial(_mixed,
+                                                                                   graphs)
+    return jax.jit(fn, donate_argnums=(1,))
+
+
+class Shapes:
+    """The menu of program shapes (see the module docstring)."""
+
+    def __init__(self, max_seqs: int, budget: int, pages_per_seq: int):
+        shapes = set()
+        for total in sorted({min(64, budget), budget}):
+            sizes = [16 << i for i in range(12) if 16 << i < total] + [total]
+            shapes |= {(min(max_seqs, total // c), c) for c in sizes}
+        self.prefill = sorted(shapes, key=lambda mc: (mc[0] * mc[1], mc[1]))
+        self.pages = sorted({-(-pages_per_seq // 4), -(-pages_per_seq // 2), pages_per_seq})
+
+    def table_width(self, pages: int) -> int:
+        return next(p for p in self.pages if p >= pages)
+
+    def segment(self, chunks: list[int]) -> tuple[int, int]:
+        """The smallest (m, c) holding these chunk lengths."""
+        return next((m, c) for m, c in self.prefill if m >= len(chunks) and c >= max(chunks))
+
+    def chunk_cap(self, chunks: list[int]) -> int:
+        """The longest chunk one more prefill row may bring (0: no more rows fit)."""
+        top = max(chunks, default=0)
+        return max((c for m, c in self.prefill if m > len(chunks) and c >= top), default=0)
+
+    def count(self, decode_steps: int) -> int:
+        """Programs in the menu: per table width, each prefill shape, decode only as a
+        mixed step (m = 0), and decode_steps when K > 1."""
+        return len(self.pages) * (len(self.prefill) + 1 + (decode_steps > 1))
