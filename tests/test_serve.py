@@ -316,8 +316,8 @@ def test_queue_full_is_429(lm):
 def test_disconnect_mid_stream_frees_pages(srv, monkeypatch):
     serving, step = srv.app.state.serving, srv.app.state.scheduler.step
 
-    def slow_step():  # ≥ 2 s for 200 tokens, so the hang-up comes well before the end
-        time.sleep(0.01)
+    def slow_step():  # ≥ 2 s for 200 tokens (4 a call), so the hang-up comes well before
+        time.sleep(0.04)
         return step()
     monkeypatch.setattr(srv.app.state.scheduler, "step", slow_step)
     before = serving.stats()["pages_used"]
