@@ -5,6 +5,9 @@ process (tests, or a server beside a trainer) without "Duplicated timeseries" er
 """
 from __future__ import annotations
 
+import collections
+import time
+
 from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest)
 
@@ -12,6 +15,8 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 # minutes (a long prompt behind a full queue).
 TTFT_BUCKETS = (.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120)
 TPOT_BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5)
+
+THROUGHPUT_WINDOW = 10.0
 
 OUTCOMES = ("stop", "length", "cancelled", "invalid", "overloaded", "aborted", "error")
 
@@ -43,6 +48,11 @@ class Metrics:
                               "Mean time between a request's tokens after the first",
                               buckets=TPOT_BUCKETS, registry=r)
         self.tokens = Counter("jaxlm_generated_tokens", "Tokens generated", registry=r)
+        # rate(jaxlm_generated_tokens_total[…]) is the Prometheus way; this gauge gives the
+        # same over the last THROUGHPUT_WINDOW seconds to anyone reading /metrics by eye
+        self.throughput = Gauge("jaxlm_tokens_per_second", "Tokens generated per second "
+                                f"over the last {THROUGHPUT_WINDOW:g} s", registry=r)
+        self._seen = collections.deque()   # (time, tokens generated so far)
         self.requests = Counter("jaxlm_requests", "Requests by how they ended",
                                 ["outcome"], registry=r)
         for outcome in OUTCOMES:  # every series exists from the start, at 0
@@ -57,6 +67,12 @@ class Metrics:
         self.programs.set(stats.get("compiled_programs", 0))
         self.prefix_hits.set(stats.get("prefix_hit_tokens", 0))
         self.preemptions.set(stats.get("preemptions", 0))
+        now, total = time.monotonic(), stats.get("tokens_total", 0)
+        self._seen.append((now, total))
+        while len(self._seen) > 2 and now - self._seen[1][0] >= THROUGHPUT_WINDOW:
+            self._seen.popleft()
+        then, before = self._seen[0]
+        self.throughput.set((total - before) / (now - then) if now > then else 0.0)
 
     def finished(self, outcome: str) -> None:
         self.requests.labels(outcome=outcome).inc()

@@ -213,12 +213,27 @@ def test_models_health_metrics(srv):
     for name in ("jaxlm_queue_length", "jaxlm_running_sequences", "jaxlm_pages_in_use",
                  "jaxlm_pages_total", "jaxlm_time_to_first_token_seconds_bucket",
                  "jaxlm_time_per_output_token_seconds_count",
-                 "jaxlm_generated_tokens_total"):
+                 "jaxlm_generated_tokens_total", "jaxlm_tokens_per_second",
+                 "jaxlm_compiled_programs", "jaxlm_prefix_hit_tokens"):
         assert name in text
     served = sum(float(line.split()[-1]) for line in text.splitlines()
                  if line.startswith("jaxlm_requests_total{outcome=\"length\"}")
                  or line.startswith("jaxlm_requests_total{outcome=\"stop\"}"))
     assert served >= 3
+
+
+def test_tokens_per_second_gauge_is_the_windowed_rate(monkeypatch):
+    from jaxlm.serve import metrics as M
+    clock = iter([0.0, 2.0, 20.0, 21.0])
+    monkeypatch.setattr(M.time, "monotonic", lambda: next(clock))
+    m = M.Metrics()
+    rate = lambda: m.throughput._value.get()  # noqa: E731
+    m.scheduler_stats({"tokens_total": 0})
+    m.scheduler_stats({"tokens_total": 100})
+    assert rate() == 50.0                        # 100 tokens in 2 s
+    m.scheduler_stats({"tokens_total": 100})     # 18 s idle: the window forgets t = 0
+    m.scheduler_stats({"tokens_total": 130})
+    assert rate() == pytest.approx(30 / 19)      # since t = 2, the window's oldest kept
 
 
 # Errors -------------------------------------------------------------------------------
