@@ -7,6 +7,7 @@
     engine = Engine(base, adapters=[lora_lm, prefix_lm, "peft_dir"])   # several adapters
     new = engine.generate(prompts, max_new_tokens=32, adapter_ids=[0, 2, -1])
     engine = Engine(lm, speculative=Speculative("lookup", n_draft=4))  # exact, faster
+    sched = Scheduler(lm, kv_memory=512 << 20)   # continuous batching over a paged cache
 """
 from jaxlm.ops.sampling import Sampling
 
@@ -14,7 +15,8 @@ from .cache import DecodeCache
 from .engine import DecodeState, Engine, generate
 from .forward import forward, split_model
 from .prefix import PrefixCache
+from .scheduler import Event, Request, Scheduler
 from .speculative import Speculative
 
-__all__ = ["DecodeCache", "DecodeState", "Engine", "PrefixCache", "Sampling", "Speculative",
-           "forward", "generate", "split_model"]
+__all__ = ["DecodeCache", "DecodeState", "Engine", "Event", "PrefixCache", "Request",
+           "Sampling", "Scheduler", "Speculative", "forward", "generate", "split_model"]
