@@ -35,14 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.cache import PageIndex, PagedRows, paged_buffers
-from jaxlm.model.memory import kv_bytes_per_token, pages_for
+from jaxlm.model.cache import paged_buffers
+from jaxlm.model.memory import pages_for
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling
 
 from .forward import split_model
 from .pages import PagePool, page_keys
-from .steps import DecodeInputs, MixedInputs, RowSampling, Shapes, compiled
+from .steps import DecodeInputs, MixedInputs, Shapes, compiled
 
 
 @dataclasses.dataclass
@@ -119,7 +119,6 @@ class Scheduler:
         self.max_batched_tokens = max_batched_tokens
         self.pages_per_seq = -(-self.max_len // page_size)
         dtype = jnp.dtype(cache_dtype or cfg.dtype)
-        self.bytes_per_token = kv_bytes_per_token(cfg, dtype=dtype.name)
         if kv_memory is not None and n_pages is not None:
             raise ValueError("give kv_memory or n_pages, not both")
         if kv_memory is not None:
@@ -336,8 +335,7 @@ class Scheduler:
             out = seq.generated
             if token in req.stop_tokens:
                 reason = "stop"
-            elif req.stop_strings and any(s in self.tokenizer.decode(out)
-                                          for s in req.stop_strings):
+            elif req.stop_strings and self._stop_string(req, out):
                 reason = "stop"
             elif len(out) >= req.max_tokens:
                 reason = "length"
@@ -345,6 +343,14 @@ class Scheduler:
                 break
         self.counts["tokens"] += len(taken)
         return Event(req.id, taken, reason is not None, reason)
+
+    def _stop_string(self, req: Request, out: list) -> bool:
+        """Whether the output now contains a stop string. Only its tail is decoded: a
+        string of L characters spans at most 4·L tokens (a token is a byte or more), so
+        the check costs the same at token 1 and token 10,000."""
+        tail = 4 * max(len(s) for s in req.stop_strings) + 4
+        text = self.tokenizer.decode(out[-tail:])
+        return any(s in text for s in req.stop_strings)
 
     # ---- the device calls -------------------------------------------------------------
 
@@ -356,34 +362,25 @@ class Scheduler:
         m, c = self.menu.segment([k for _, k in chunks]) if chunks else (0, 0)
         width = self.menu.table_width(max(len(seq.pages) for seq, _ in work))
         self.shapes.add((m, c, width))
-        t = n + m * c
-        tokens, positions, slots = (np.zeros(t, np.int32), np.zeros(t, np.int32),
-                                    np.full(t, -1, np.int32))
-        tables = [np.zeros((n, width), np.int32), np.zeros((m, width), np.int32)]
-        lengths = [np.zeros(n, np.int32), np.zeros(m, np.int32)]
-        last, sampling = np.zeros(n, np.int32), RowSampling.empty(n)
-        src, dst = np.zeros(n, np.int32), np.full(n, self.pool.n_pages, np.int32)
+        x = MixedInputs.empty(n, m, c, width, self.pool.n_pages)
+        segments = x.pages.segments
         for i, (a, b) in enumerate(copies):
-            src[i], dst[i] = a, b
+            x.copy_src[i], x.copy_dst[i] = a, b
         sampling_rows, j = [], 0
         for seq, k in work:
             r = seq.row
-            seg, row, i = (0, r, r) if k == 1 else (1, j, n + j * c)
+            seg, row, i = (segments[0], r, r) if k == 1 else (segments[1], j, n + j * c)
             j += k > 1
             pos = np.arange(seq.computed, seq.computed + k)
             page_ids = np.asarray(seq.pages, np.int32)
-            tokens[i:i + k] = seq.tokens[seq.computed:seq.computed + k]
-            positions[i:i + k] = pos
-            slots[i:i + k] = page_ids[pos // z] * z + pos % z
-            tables[seg][row, :len(page_ids)] = page_ids
-            lengths[seg][row], last[r] = seq.computed + k, i + k - 1
+            x.tokens[i:i + k] = seq.tokens[seq.computed:seq.computed + k]
+            x.positions[i:i + k] = pos
+            x.pages.slots[i:i + k] = page_ids[pos // z] * z + pos % z
+            seg.block_tables[row, :len(page_ids)] = page_ids
+            seg.kv_lengths[row], x.last[r] = seq.computed + k, i + k - 1
             if seq.computed + k == len(seq.tokens):
                 sampling_rows.append(r)
-                sampling.set(r, seq.req, len(seq.generated))
-        segments = (PagedRows(tables[0], lengths[0], 1),) + (
-            (PagedRows(tables[1], lengths[1], c),) if m else ())
-        x = MixedInputs(tokens, positions, PageIndex(slots, segments), last, sampling, src,
-                        dst)
+                x.sampling.set(r, seq.req, len(seq.generated))
         out, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
         out = np.asarray(out)
         return {r: int(out[r]) for r in sampling_rows}
@@ -398,9 +395,7 @@ class Scheduler:
             self._reserve(seq, min(seq.computed + room, self.pages_per_seq * z))
         width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
         self.shapes.add(("decode", steps, width))
-        x = DecodeInputs(np.zeros(n, np.int32), np.zeros(n, np.int32),
-                         np.zeros((n, width), np.int32), np.zeros(n, np.int32),
-                         np.zeros(n, np.int32), RowSampling.empty(n))
+        x = DecodeInputs.empty(n, width)
         for seq in seqs:
             r = seq.row
             x.tokens[r], x.positions[r] = seq.tokens[-1], seq.computed
@@ -428,21 +423,12 @@ class Scheduler:
         before = set(self.shapes)
         for width in self.menu.pages:
             for m, c in [(0, 0)] + self.menu.prefill:
-                t = n + m * c
-                segments = (PagedRows(np.zeros((n, width), np.int32), np.zeros(n, np.int32)),
-                            ) + ((PagedRows(np.zeros((m, width), np.int32),
-                                            np.zeros(m, np.int32), c),) if m else ())
-                x = MixedInputs(np.zeros(t, np.int32), np.zeros(t, np.int32),
-                                PageIndex(np.full(t, -1, np.int32), segments),
-                                np.zeros(n, np.int32), RowSampling.empty(n),
-                                np.zeros(n, np.int32), np.full(n, self.pool.n_pages, np.int32))
+                x = MixedInputs.empty(n, m, c, width, self.pool.n_pages)
                 _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
                 self.shapes.add((m, c, width))
             if self.decode_steps > 1:
-                x = DecodeInputs(*(np.zeros(n, np.int32),) * 2, np.zeros((n, width), np.int32),
-                                 *(np.zeros(n, np.int32),) * 2, RowSampling.empty(n))
                 _, self.pools = compiled(self.graphs, self.decode_steps)(
-                    self.weights, self.pools, x)
+                    self.weights, self.pools, DecodeInputs.empty(n, width))
                 self.shapes.add(("decode", self.decode_steps, width))
         jax.block_until_ready(self.pools)
         return len(self.shapes - before)

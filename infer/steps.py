@@ -76,6 +76,17 @@ class MixedInputs:
     copy_src: jax.Array      # [n] pages copied before the step (copy-on-write) ...
     copy_dst: jax.Array      # [n] ... into these (P, out of range: no copy)
 
+    @classmethod
+    def empty(cls, n: int, m: int, c: int, width: int, n_pages: int) -> "MixedInputs":
+        """All padding (writes nothing, copies nothing): n decode rows, m × c prefill."""
+        t = n + m * c
+        rows = lambda b, q: PagedRows(np.zeros((b, width), np.int32),  # noqa: E731
+                                      np.zeros(b, np.int32), q)
+        segments = (rows(n, 1),) + ((rows(m, c),) if m else ())
+        return cls(np.zeros(t, np.int32), np.zeros(t, np.int32),
+                   PageIndex(np.full(t, -1, np.int32), segments), np.zeros(n, np.int32),
+                   RowSampling.empty(n), np.zeros(n, np.int32), np.full(n, n_pages, np.int32))
+
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
     "tokens", "positions", "tables", "lengths", "limits", "sampling"], meta_fields=[])
@@ -88,10 +99,16 @@ class DecodeInputs:
     limits: jax.Array        # [n] slots the row's pages hold: writes stop there
     sampling: RowSampling
 
+    @classmethod
+    def empty(cls, n: int, width: int) -> "DecodeInputs":
+        """All rows idle (length 0: they write nothing)."""
+        zeros = lambda: np.zeros(n, np.int32)  # noqa: E731
+        return cls(zeros(), zeros(), np.zeros((n, width), np.int32), zeros(), zeros(),
+                   RowSampling.empty(n))
+
 
 def _mixed(graphs, weights, pools, x: MixedInputs):
-    pools = tuple(tuple(buf.at[x.copy_dst].set(buf[jnp.minimum(x.copy_src, buf.shape[0] - 1)],
-                                               mode="drop") for buf in layer)
+    pools = tuple(tuple(buf.at[x.copy_dst].set(buf[x.copy_src], mode="drop") for buf in layer)
                   for layer in pools)
     h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
                             x.pages)

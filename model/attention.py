@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import heads_to_layout, paged_implementation, slot_axis, write_layer
+from .cache import heads_to_layout, slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -72,14 +72,11 @@ class Attention(nnx.Module):
         """Write the step's K/V into their pages, then attend segment by segment."""
         k_pages = ops.paged_write(kv[0], k[0], pages.slots)
         v_pages = ops.paged_write(kv[1], v[0], pages.slots)
-        out = [ops.paged_attention(
-            qs, k_pages, v_pages, seg.block_tables, ps, seg.kv_lengths,
-            sliding_window=common["sliding_window"], scale=common["scale"],
-            softcap=common["softcap"], alibi_slopes=common["alibi_slopes"],
-            implementation=paged_implementation(self.cfg))
-            for seg, qs, ps in zip(pages.segments, pages.split(q[0]), pages.split(positions[0]))]
-        return jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o in out])[None], \
-            (k_pages, v_pages)
+        out = pages.attend(q, positions, k_pages, v_pages,
+                           attention_impl=self.cfg.attention_impl,
+                           sliding_window=common["sliding_window"], scale=common["scale"],
+                           softcap=common["softcap"], alibi_slopes=common["alibi_slopes"])
+        return out, (k_pages, v_pages)
 
     def _with_prefix(self, q, k, v, positions, segment_ids, prefix, common):
         """Attention over [prefix ⊕ new] keys: the prefix at positions 0..P-1 with segment

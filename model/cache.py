@@ -24,6 +24,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jaxlm import ops
+
 from .config import Config
 
 
@@ -166,11 +168,15 @@ class PageIndex:
             start += b * seg.queries
         return out
 
-
-def paged_implementation(cfg: Config) -> str:
-    """ops.paged_attention's implementation for the config: its Pallas kernel when the
-    model runs Pallas attention, else the XLA gather reference (cuDNN has no paged op)."""
-    return "pallas" if cfg.attention_impl == "pallas" else "xla"
+    def attend(self, q, positions, k_pages, v_pages, *, attention_impl: str, **kwargs):
+        """q [1,T,h,d], positions [1,T] → [1,T,h,dv]: ops.paged_attention segment by
+        segment. attention_impl is the model's: its Pallas kernel for "pallas", else the
+        XLA gather reference (cuDNN has no paged op). kwargs: as ops.paged_attention."""
+        impl = "pallas" if attention_impl == "pallas" else "xla"
+        out = [ops.paged_attention(qs, k_pages, v_pages, seg.block_tables, ps,
+                                   seg.kv_lengths, implementation=impl, **kwargs)
+               for seg, qs, ps in zip(self.segments, self.split(q[0]), self.split(positions[0]))]
+        return jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o in out])[None]
 
 
 def paged_buffers(cfg: Config, n_pages: int, page_size: int, dtype=None) -> tuple:

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import paged_implementation, write_layer
+from .cache import write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -118,12 +118,9 @@ class MLAttention(nnx.Module):
         w_kv = self.kv_b.weight(x.dtype)
         w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
         q_cat = jnp.concatenate([jnp.einsum("bthn,rhn->bthr", q_nope, w_uk), q_rope], -1)
-        o_lat = [ops.paged_attention(
-            qs, pool, None, seg.block_tables, ps, seg.kv_lengths, v_dim=r,
-            sliding_window=mask_args["sliding_window"], scale=mask_args["scale"],
-            softcap=mask_args["softcap"], implementation=paged_implementation(self.cfg))
-            for seg, qs, ps in zip(pages.segments, pages.split(q_cat[0]),
-                                   pages.split(positions[0]))]
-        o_lat = jnp.concatenate([o.reshape(-1, *o.shape[2:]) for o in o_lat])
-        out = jnp.einsum("bthr,rhv->bthv", o_lat[None], w_uv)
+        o_lat = pages.attend(q_cat, positions, pool, None, v_dim=r,
+                             attention_impl=self.cfg.attention_impl,
+                             sliding_window=mask_args["sliding_window"],
+                             scale=mask_args["scale"], softcap=mask_args["softcap"])
+        out = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
         return self.o_proj(out, peft), (pool,)

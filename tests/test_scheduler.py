@@ -14,6 +14,7 @@ from jaxlm.infer import generate
 from jaxlm.infer.pages import PagePool, page_keys
 from jaxlm.infer.scheduler import Request, Scheduler
 from jaxlm.model import Config, create
+from jaxlm.model.io.tokenizer import ByteTokenizer
 from jaxlm.model.memory import main as memory_main, pages_for, parse_bytes
 from jaxlm.ops.sampling import Sampling, probabilities, sample_rows
 
@@ -143,6 +144,21 @@ def test_cancel_frees_pages_at_once():
     while sched.has_work:
         sched.step()
     assert sched.pool.in_use == 0
+    sched.pool.check_whole()
+
+
+def test_stop_strings_end_a_request_where_a_plain_scan_finds_them():
+    """Greedy output cut where its decoded text first contains the stop string (a plain
+    scan over prefixes of generate's tokens), with K = 4 tokens a call."""
+    tok = ByteTokenizer()
+    prompt = [33, 40, 35, 47, 34]
+    full = generate(LM, [prompt], max_new_tokens=40)[0]
+    stop = tok.decode(full[20:22])       # two bytes from the middle of the output
+    cut = next(i for i in range(1, 41) if stop in tok.decode(full[:i]))
+    sched = Scheduler(LM, tokenizer=tok, page_size=4, n_pages=40, max_seqs=6,
+                      max_batched_tokens=32)
+    r = Request(prompt, max_tokens=40, stop_strings=(stop,))
+    assert drive(sched, [(0, r)])[r.id] == full[:cut]
     sched.pool.check_whole()
 
 
