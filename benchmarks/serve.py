@@ -28,6 +28,8 @@ lengths: --long-frac of them long (--long-out), the rest short (--short-out).
    favours it. One untimed pass compiles every batch's shapes first.
 2b. scheduler: the server's Scheduler in this process with every request submitted at
    once: the engine's capacity without HTTP and without waiting for arrivals.
+2c. decode step: ms per step for max_seqs rows, the scheduler's decode program at each
+   block-table width against the static engine's decode step: what a paged gather costs.
 3. transformers: its continuous-batching manager (the engine under generate_batch),
    float32, offline (all requests at once). generate_batch takes one max_new_tokens for
    all; the manager's add_request takes one per request, so each row decodes exactly its
@@ -238,6 +240,45 @@ def run_scheduler(lm, reqs: list[dict], args, max_len: int) -> dict:
     return {"tok_s": tokens / wall, "wall_s": wall}
 
 
+# 2c. One decode step: paged (by block-table width) vs the static engine ---------------------
+def run_decode_step(lm, args, max_len: int, rounds: int = 20) -> dict:
+    """ms per decode step for max_seqs rows: the scheduler's K-step decode program at each
+    block-table width of its menu (the XLA reference gathers that many slots per row every
+    step) against the static engine's decode (its cache of max_len slots read in place)."""
+    import jax
+    from jaxlm.infer import Engine
+    from jaxlm.infer.scheduler import Scheduler
+    from jaxlm.infer.steps import DecodeInputs, compiled
+    from jaxlm.model.memory import parse_bytes
+    n, z = args.max_seqs, args.page_size
+    sched = Scheduler(lm, page_size=z, kv_memory=parse_bytes(args.kv_memory), max_seqs=n,
+                      max_batched_tokens=args.max_batched_tokens, max_len=max_len,
+                      decode_steps=args.decode_steps)
+    step = compiled(sched.graphs, args.decode_steps)
+    paged = {}
+    for width in sched.menu.pages:
+        x = DecodeInputs.empty(n, width)
+        x.tables[:] = np.arange(width)            # rows may share pages: timing only
+        x.positions[:] = width * z // 2
+        x.lengths[:], x.limits[:] = x.positions + 1, width * z
+        times = []
+        for _ in range(rounds + 2):               # the first two: compile, warm caches
+            t = time.perf_counter()
+            out, sched.pools = step(sched.weights, sched.pools, x)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - t)
+        paged[width * z] = 1e3 * float(np.median(times[2:])) / args.decode_steps
+    engine, prompts = Engine(lm, max_len=max_len), [[1] * 16] * n
+
+    def gen(k):
+        t = time.perf_counter()
+        engine.generate(prompts, max_new_tokens=k)
+        return time.perf_counter() - t
+    gen(1), gen(129)                              # compile both
+    static = 1e3 * float(np.median([gen(129) - gen(1) for _ in range(5)])) / 128
+    return {"paged_ms": paged, "static_ms": static, "static_slots": max_len}
+
+
 # 3. transformers ----------------------------------------------------------------------------
 def run_hf(hf_dir: str, reqs: list[dict], args) -> dict:
     import torch
@@ -327,6 +368,7 @@ def main(argv=None):
         res = {"server": run_server(hf_dir, reqs, args, max_len)}
         res["static"] = run_static(lm, reqs, args, max_len)
         res["scheduler"] = run_scheduler(lm, reqs, args, max_len)
+        res["decode_step"] = run_decode_step(lm, args, max_len)
         if not args.skip_hf:
             res["transformers"] = run_hf(hf_dir, reqs, args)
     import torch
@@ -351,6 +393,7 @@ def agreement(a: list, b: list) -> str:
 
 def report(args, cfg, reqs, res, env) -> None:
     s, st, hf, sc = res["server"], res["static"], res.get("transformers"), res["scheduler"]
+    ds = res["decode_step"]
     outs = [r["max_tokens"] for r in reqs]
     print()
     print(f"Serving benchmark, {env['date']}, {env['machine']}, torch {env['torch']}, "
@@ -405,6 +448,9 @@ def report(args, cfg, reqs, res, env) -> None:
     if hf:
         met = "met" if r_hf >= GOAL_VS_HF else "NOT met"
         print(f"goal: server >= {GOAL_VS_HF:g}x transformers: {met} ({r_hf:.2f}x)")
+    widths = ", ".join(f"{slots} slots {ms:.2f}" for slots, ms in ds["paged_ms"].items())
+    print(f"decode step, {args.max_seqs} rows, ms: paged by block-table width: {widths}; "
+          f"static engine ({ds['static_slots']} slots in place): {ds['static_ms']:.2f}")
 
 
 if __name__ == "__main__":
