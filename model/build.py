@@ -97,16 +97,23 @@ class SplitModel:
     trainable: which Params are `params` (default all). Fine-tuning adapters passes
     jaxlm.model.peft.Adapter: `params` is then the adapter weights alone and the base
     Params are `frozen` (an nnx.State), passed to `merge` as an argument (a jit input,
-    never a traced-in constant) and never given to the optimizer."""
+    never a traced-in constant) and never given to the optimizer. `merge(...,
+    adapters=False)` then builds the base alone over the same arrays (the adapters switched
+    off in the graph, jaxlm.model.peft.set_enabled): DPO's reference with no second copy."""
 
     def __init__(self, lm: CausalLM, trainable=nnx.Param):
         self.cfg = lm.cfg
+        self.graphdef_off = None
         if trainable is nnx.Param:
             self.graphdef, state, self.rest = nnx.split(lm, nnx.Param, ...)
             self.frozen = None
         else:
+            from .peft import set_enabled
             self.graphdef, state, self.frozen, self.rest = nnx.split(lm, trainable,
                                                                      nnx.Param, ...)
+            self.graphdef_off = nnx.split(set_enabled(lm, False), trainable, nnx.Param,
+                                          ...)[0]
+            set_enabled(lm, True)
         self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         self.params = state.to_pure_dict()
         # LoRA dropout needs a key per step (jaxlm.model.peft.LoRA.dropout)
@@ -116,14 +123,19 @@ class SplitModel:
     def create(cls, cfg: Config, seed: int = 0, mesh: Mesh | None = None) -> "SplitModel":
         return cls(create(cfg, seed, mesh))
 
-    def merge(self, params, rest=None, frozen=None) -> CausalLM:
-        """The module over `params` (and `rest` / `frozen`, default the split-time values)."""
+    def merge(self, params, rest=None, frozen=None, adapters: bool = True) -> CausalLM:
+        """The module over `params` (and `rest` / `frozen`, default the split-time values);
+        adapters=False: the base alone (an adapter run only)."""
         state = jax.tree.map(lambda x: x, self._template)
         nnx.replace_by_pure_dict(state, params)
         rest = self.rest if rest is None else rest
         if self.frozen is None:
+            if not adapters:
+                raise ValueError("adapters=False needs a model split with "
+                                 "trainable=Adapter (an adapter run)")
             return nnx.merge(self.graphdef, state, rest)
-        return nnx.merge(self.graphdef, state, self.frozen if frozen is None else frozen, rest)
+        graph = self.graphdef if adapters else self.graphdef_off
+        return nnx.merge(graph, state, self.frozen if frozen is None else frozen, rest)
 
 
 def split_layers(lm: CausalLM):

@@ -196,9 +196,10 @@ class LoRA(nnx.Module):
         self.scale = scale         # float, or a tuple of floats (one per stacked adapter)
         self.dropout, self.salt, self.stacked = dropout, salt, stacked
         self.merged = False
+        self.enabled = True        # static: False computes the base alone (set_enabled)
 
     def __call__(self, x, peft: PeftInputs | None):
-        if self.merged:
+        if self.merged or not self.enabled:
             return 0
         if self.stacked:
             if peft is None or peft.ids is None:
@@ -230,8 +231,11 @@ class Bottleneck(nnx.Module):
     def __init__(self, down, down_bias, up, up_bias, activation: str, stacked: bool = False):
         self.down, self.down_bias, self.up, self.up_bias = down, down_bias, up, up_bias
         self.activation, self.stacked = activation, stacked
+        self.enabled = True
 
     def __call__(self, h, peft: PeftInputs | None):
+        if not self.enabled:
+            return h
         args = (self.down[...], self.up[...], self.activation, self.down_bias[...],
                 self.up_bias[...])
         if self.stacked:
@@ -248,6 +252,7 @@ class Prefix(nnx.Module):
     def __init__(self, cfg: Config, spec: PrefixSpec, rngs: nnx.Rngs):
         kv = cfg.num_kv_heads * cfg.dim_per_head
         out = cfg.n_layers * 2 * kv
+        self.enabled = True
         self.shape = (cfg.n_layers, 2, spec.tokens, cfg.num_kv_heads, cfg.dim_per_head)
         normal = lambda *s: jax.random.normal(rngs.params(), s, jnp.float32)  # noqa: E731
         if spec.projection:
@@ -487,6 +492,20 @@ def _attach_bottleneck(lm, spec: BottleneckSpec, rngs):
 def adapters_of(lm) -> list:
     """Every LoRA / Bottleneck / Prefix module attached to lm."""
     return [m for _, m in nnx.iter_modules(lm) if isinstance(m, (LoRA, Bottleneck, Prefix))]
+
+
+def set_enabled(lm, enabled: bool):
+    """Switch every attached adapter on or off, in place; off, the model computes its
+    base alone (the weights stay, so switching back restores the adapted model). The
+    flag is static, part of the graph: `nnx.split` of a switched-off model gives a graph
+    that computes the base over the very same arrays (DPO's reference model, with no
+    second copy of the weights). A merged LoRA is already in its base weight and cannot
+    be switched off."""
+    for m in adapters_of(lm):
+        if not enabled and getattr(m, "merged", False):
+            raise ValueError("a merged LoRA cannot be switched off; unmerge(lm) first")
+        m.enabled = enabled
+    return lm
 
 
 def loras(lm) -> list[tuple[tuple, LoRA]]:

@@ -163,7 +163,7 @@ class CausalLM(nnx.Module):
         """A KVCache (or MLACache) for `batch` rows of up to max_len positions: empty, or
         with prefix tuning's P virtual tokens already in slots 0..P-1 (lengths P)."""
         cache = create_cache(self.cfg, batch, max_len or self.cfg.max_position, dtype)
-        if self.prefix is None:
+        if self.prefix is None or not self.prefix.enabled:
             return cache
         kv = self.prefix.kv(cache.k.dtype)                        # [l,2,P,kh,hd]
         p = kv.shape[2]
@@ -293,7 +293,7 @@ class CausalLM(nnx.Module):
             positions = starts[:, None] + jnp.arange(t, dtype=jnp.int32)
         positions = jnp.broadcast_to(positions, (b, t)).astype(jnp.int32)
         prefix = None
-        if self.prefix is not None and cache is None:
+        if self.prefix is not None and self.prefix.enabled and cache is None:
             prefix = self.prefix.kv(jnp.dtype(cfg.dtype))          # [l,2,P,kh,hd]
             positions = positions + prefix.shape[2]
         key = None if peft is None else peft.key
