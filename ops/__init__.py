@@ -15,3 +15,5 @@ from .sampling import (Sampling, apply_temperature, filter_logits, min_p_logits,
                        sample, sample_rows, top_k_logits, top_p_logits)
 from .speculative import accept, greedy_accept, ngram_propose, rejection_accept
 from .paged import gather_pages, paged_attention, paged_write
+from .preference import (cdpo_loss, dpo_loss, hinge_loss, ipo_loss, orpo_loss,
+                         preference_loss, robust_dpo_loss, sequence_logps, simpo_loss)
