@@ -10,8 +10,8 @@ GET /metrics (Prometheus). The official `openai` client works against it.
   app.py       the FastAPI app factory and endpoints
   protocol.py  request models, the OpenAI error shape, stop-string-aware output text
   loop.py      ServingLoop: the one thread that owns the (not thread-safe) Scheduler
-  chat.py      chat templates (an HF directory's, rendered as transformers does, or a
-               built-in default "<|role|>\\ncontent\\n" for models without one)
+  chat.py      chat templates, from jaxlm.model.io.chat (an HF directory's, rendered as
+               transformers does, or a built-in default "<|role|>\\ncontent\\n")
   metrics.py   Prometheus gauges/histograms/counters in a registry per app
 """
 from .app import create_app

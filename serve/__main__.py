@@ -121,7 +121,9 @@ def build_app(args):
         print(f"compiled {n} step programs in {time.perf_counter() - start:.0f} s",
               file=sys.stderr, flush=True)
     name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint or args.hf))
-    template = load_template(args.hf) if tokenizer is not None else None
+    # an HF directory's template, or the one a fine-tuned run kept (else the default)
+    template = (load_template(args.hf or args.checkpoint) if tokenizer is not None
+                else None)
     return create_app(sched, tokenizer=tokenizer, model_name=name, stop_tokens=stops,
                       chat_template=template, api_key=args.api_key,
                       max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout), name

@@ -7,6 +7,7 @@
   runs          jaxlm's own training run directories (run.json + orbax checkpoints)
   peft          adapters in Hugging Face PEFT's format (save_peft / load_peft)
   tokenizer     byte-level and Hugging Face `tokenizers` tokenizers
+  chat          chat templates (jinja2, rendered as transformers does) and their tokens
 """
 from .hf import from_hf, to_hf
 from .hf_config import config_from_hf, hf_config_from
