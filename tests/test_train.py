@@ -59,13 +59,22 @@ def test_step_is_pure_and_loss_falls():
 
 
 def test_grad_accumulation_equals_one_big_batch():
+    """SFT-style uneven micro-batches (3 target tokens in one, 28 in the other): the loss
+    is normalised by the step's 31 targets, not a mean of the two micro-batch means."""
     big = _batch(1, b=4)
-    big["loss_mask"] = big["loss_mask"].at[0, 0, :5].set(False)  # uneven token counts
+    mask = np.ones((1, 4, 16), bool)
+    mask[0, :2] = False
+    mask[0, 0, 4:7] = True                 # micro-batch 0 (rows 0-1): 3 targets
+    mask[0, 2, :4] = False                 # micro-batch 1 (rows 2-3): 28 targets
+    big["loss_mask"] = jnp.asarray(mask)
     split = jax.tree.map(lambda x: x.reshape(2, 2, *x.shape[2:]), big)
     l1, g1, _ = _lg(_MODEL.params, big)
     l2, g2, _ = _lg(_MODEL.params, split)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     chex.assert_trees_all_close(g1, g2, rtol=1e-5, atol=1e-7)
+    halves = [_lg(_MODEL.params, jax.tree.map(lambda x: x[i:i + 1], split))[0]
+              for i in range(2)]
+    assert abs(float(np.mean(halves)) - float(l1)) > 1e-3   # what a mean of means gives
 
 
 def test_loss_mask_drops_tokens():

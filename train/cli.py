@@ -142,7 +142,15 @@ def report(s: dict) -> None:
     if s.get("base_val_loss") is not None:
         lines.append(f"base model's validation loss {s['base_val_loss']:.4f} (before "
                      f"fine-tuning)")
-    if s["val_loss"] is not None:
+    if s.get("task") == "dpo" and s.get("val"):
+        v, b = s["val"], s.get("base_eval") or {}
+        lines.append(f"held-out pairs: reward accuracy {v['val_rewards/accuracies']:.3f}, "
+                     f"margin {v['val_rewards/margins']:.3f}, loss {v['val_loss']:.4f}")
+        if "val_likelihood_accuracy" in b:
+            lines.append(f"the base prefers the chosen answer (higher log-prob) on "
+                         f"{b['val_likelihood_accuracy']:.3f} of them; after training "
+                         f"{v['val_likelihood_accuracy']:.3f}")
+    elif s["val_loss"] is not None:
         lines.append(f"validation loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.3f}")
     lines.append(f"speed {s['tokens_per_s']:,.0f} tokens/s, MFU {s['mfu']:.1%} of a measured "
                  f"matmul peak of {s['matmul_peak_flops'] / 1e9:,.1f} GFLOP/s")

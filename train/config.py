@@ -35,6 +35,26 @@ class TrainConfig:
     medusa_decay: float = 0.8        # head k's loss weight is decay^k (the Medusa paper's)
     heads_only: bool = False         # with --init: train only the MTP / Medusa heads, the
                                      # base frozen (Medusa-1; MTP heads for a released model)
+    # Post-training (with --init): supervised fine-tuning and preference optimisation ------
+    task: str = "lm"                 # lm: next-token on --corpus | sft: --data chats or
+                                     # prompt/completion, loss on the answers only | dpo:
+                                     # --data prompt/chosen/rejected pairs (train/chat.py)
+    data: str = ""                   # --task sft|dpo: a .jsonl, or the embedded stdlib-sft /
+                                     # stdlib-dpo (train/examples.py)
+    val_data: str = ""               # held-out .jsonl (default: --data's last val_fraction;
+                                     # the embedded sets' own held-out files)
+    max_bad_fraction: float = 0.0    # unusable --data lines dropped (with a warning naming
+                                     # them) up to this fraction; above it the run refuses
+    loss: str = "dpo"                # --task dpo: dpo | ipo | cdpo | robust | hinge | simpo |
+                                     # orpo (jaxlm.ops.preference)
+    beta: float = 0.1                # DPO's β (IPO's τ, SimPO's β, ORPO's λ)
+    label_smoothing: float = 0.0     # ε of cdpo and robust; the name means other losses in
+                                     # other libraries (see jaxlm/ops/preference.py)
+    simpo_gamma: float = 0.5         # SimPO's target reward margin γ
+    reference: str = "precomputed"   # DPO's reference log-probs: precomputed (once, before
+                                     # training; kept in the run) | copy (a frozen copy of the
+                                     # starting weights, on the fly) | adapter_off (with --peft:
+                                     # the same weights with the adapter switched off)
     corpus: str = "stdlib"           # "stdlib", a text file, a folder, a .jsonl, or .bin tokens
     tokenizer: str = "byte"          # "byte", "bpe:N" (train N tokens), or a tokenizer.json path
     jsonl_field: str = "text"        # the JSONL key holding each document's text
@@ -127,6 +147,7 @@ class TrainConfig:
         if self.bin_dtype not in ("uint16", "uint32"):
             bad("bin_dtype", f"{self.bin_dtype!r} is not uint16 or uint32")
         self.aux_weights()  # parse errors surface now, not mid-run
+        self._check_task()
         if self.peft:
             if not self.init:
                 bad("peft", "adapters are trained on a base model; add --init PATH (an HF "
@@ -139,6 +160,48 @@ class TrainConfig:
             if self.mesh:
                 bad("peft", "adapter training on a --mesh is not supported yet; train on "
                             "one device")
+
+    def _check_task(self):
+        from jaxlm.ops.preference import LOSSES
+
+        def bad(field, why):
+            raise ValueError(f"--{field}: {why}")
+        if self.task not in ("lm", "sft", "dpo"):
+            bad("task", f"{self.task!r} is not one of lm, sft, dpo")
+        if self.task == "lm":
+            for f in ("data", "val_data"):
+                if getattr(self, f):
+                    bad(f, "is read by --task sft|dpo; pretraining (--task lm) reads --corpus")
+            return
+        if not self.init:
+            bad("task", f"{self.task} fine-tunes a base model; add --init PATH (an HF "
+                        f"directory or a jaxlm run)")
+        if not self.data:
+            bad("data", f"--task {self.task} needs --data FILE.jsonl (or stdlib-sft / "
+                        f"stdlib-dpo, the embedded sets)")
+        if self.heads_only:
+            bad("heads_only", f"cannot be combined with --task {self.task}")
+        if not 0 <= self.max_bad_fraction < 1:
+            bad("max_bad_fraction", f"must be in [0, 1), got {self.max_bad_fraction}")
+        if self.task != "dpo":
+            return
+        if self.loss not in LOSSES:
+            bad("loss", f"{self.loss!r} is not one of {', '.join(LOSSES)}")
+        if not self.beta > 0:
+            bad("beta", f"must be > 0, got {self.beta}")
+        if not 0 <= self.label_smoothing < 0.5:
+            bad("label_smoothing", f"must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss in ("cdpo", "robust") and self.label_smoothing == 0:
+            bad("loss", f"{self.loss} with --label_smoothing 0 is plain dpo; set the "
+                        f"label noise ε, e.g. --label_smoothing 0.1")
+        if self.reference not in ("precomputed", "copy", "adapter_off"):
+            bad("reference", f"{self.reference!r} is not one of precomputed, copy, "
+                             f"adapter_off")
+        if self.reference == "adapter_off" and not self.peft:
+            bad("reference", "adapter_off needs an adapter run (--peft SPEC); a full "
+                             "fine-tune uses precomputed or copy")
+        if self.mesh:
+            bad("mesh", "--task dpo runs on one device for now; drop --mesh")
 
     def peft_spec(self):
         """The parsed --peft spec (None without one)."""

@@ -29,8 +29,9 @@ from .config import TrainConfig, with_head_fields
 from .finetune import save_adapter
 from .report import MetricsLog, Progress, Throughput, measure_matmul_peak, plot_losses
 from .sample import generate_text
-from .step import (count_params, flops_per_token, init_state, make_eval_step,
+from .step import (NEXT_TOKEN, count_params, flops_per_token, init_state, make_eval_step,
                    make_optimizer, make_train_step)
+from .tasks import PostTraining
 
 RUNS = "runs"
 
@@ -129,65 +130,87 @@ def train(tcfg: TrainConfig, cfg: Config | None, *, resume_step: int | None = No
         base, cfg, extra = _base(tcfg, cfg, resume_step, mesh, base_dtype)
         cfg = with_head_fields(tcfg, cfg)
         vocab_from_tokenizer = False
-    cfg, tokenizer, train_stream, val_stream = prepare_data(
-        tcfg, cfg, resume_step is not None, vocab_from_tokenizer, **extra)
+    lead = jax.process_index() == 0  # one process reports and writes run files
+    log = log if lead else (lambda *a, **k: None)
+    post = None
+    if tcfg.task == "lm":
+        cfg, tokenizer, train_stream, val_stream = prepare_data(
+            tcfg, cfg, resume_step is not None, vocab_from_tokenizer, **extra)
+        data = (f"{tcfg.corpus}: {len(train_stream):,} train / {len(val_stream):,} val "
+                f"tokens, tokenizer {tcfg.tokenizer} ({tokenizer.vocab_size})")
+    else:
+        post = PostTraining(tcfg, cfg, resume_step is not None, log, **extra)
+        tokenizer = post.tokenizer
+        data = f"--task {tcfg.task} on {tcfg.data}"
     model, optimizer, state = build(tcfg, cfg, mesh, base)
+    if post is None:
+        objective = NEXT_TOKEN
+        it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum,
+                       tcfg.seed)
+        val = D.val_batches(val_stream, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
+        eval_step = make_eval_step(model, mesh)
+        evaluator = (lambda st: {"val_loss": evaluate(eval_step, st, val)}) if val else None
+        tokens_per_step = tcfg.seq_len * tcfg.batch_size * tcfg.grad_accum
+    else:   # before any restore: the state still holds the starting weights (reference)
+        objective, it, evaluator, tokens_per_step = post.setup(model, state, mesh)
     ckpt = Checkpointer(tcfg.run_dir, tcfg.keep)
-    it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum, tcfg.seed)
     if resume_step is not None:
         state, data_state = ckpt.restore(state, resume_step)
         it.set_state(data_state)
-    lead = jax.process_index() == 0  # one process reports and writes run files
-    log = log if lead else (lambda *a, **k: None)
     log(f"run {tcfg.run_dir}: {tcfg.preset} ({count_params(state.params) / 1e6:.2f}M "
-        f"parameters, {cfg.dtype} compute), {tcfg.corpus}: {len(train_stream):,} train / "
-        f"{len(val_stream):,} val tokens, tokenizer {tcfg.tokenizer} "
-        f"({tokenizer.vocab_size}), " + (f"resuming at step {int(state.step)}"
-                                         if resume_step is not None else "from scratch")
+        f"parameters, {cfg.dtype} compute), {data}, "
+        + (f"resuming at step {int(state.step)}" if resume_step is not None
+           else "from scratch")
         + (f", mesh {dict(mesh.shape)} over {jax.process_count()} process(es)" if mesh else ""))
-    val = D.val_batches(val_stream, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
-    tokens_per_step = tcfg.seq_len * tcfg.batch_size * tcfg.grad_accum
     peak = measure_matmul_peak(cfg.dtype)
     if mesh is not None and jax.default_backend() != "cpu":  # emulated CPU devices share cores
         peak *= mesh.size
     frozen = None if model.frozen is None else model.frozen.to_pure_dict()
     speed = Throughput(tokens_per_step, flops_per_token(cfg, state.params, tcfg.seq_len,
                                                         frozen), peak)
-    eval_step = make_eval_step(model, mesh)
-    base_val = None
-    if tcfg.init and resume_step is None and val:  # the base's own loss on this text
-        base_val = evaluate(eval_step, state, val)
-        log(f"base validation loss {base_val:.4f} (perplexity {math.exp(min(base_val, 700)):.3f})")
+    base_eval = None
+    if tcfg.init and resume_step is None and evaluator:  # the base's own figures
+        base_eval = evaluator(state)
+        if tcfg.task == "dpo":
+            log("base model: " + ", ".join(f"{k} {v:.4f}" for k, v in base_eval.items()))
+        elif base_eval:
+            v = base_eval["val_loss"]
+            log(f"base validation loss {v:.4f} (perplexity {math.exp(min(v, 700)):.3f})")
     on_save = None
     if tcfg.peft and lead:
         on_save = lambda st: save_adapter(  # noqa: E731
             model.merge(st.params, st.rest), tcfg.run_dir, extra["base"]["path"])
     try:
         state, summary = run_steps(
-            tcfg, make_train_step(model, tcfg, optimizer, mesh), eval_step,
-            state, it, val, ckpt, speed,
+            tcfg, make_train_step(model, tcfg, optimizer, mesh, objective), evaluator,
+            state, it, ckpt, speed,
             MetricsLog(tcfg.run_dir, resume_step) if lead else NoLog(), quiet=not lead,
             on_save=on_save)
     finally:
         ckpt.close()
     summary.update(run_dir=tcfg.run_dir, seconds=time.perf_counter() - t_start,
-                   base_val_loss=base_val)
+                   base_val_loss=(base_eval or {}).get("val_loss"), base_eval=base_eval,
+                   task=tcfg.task)
     if tcfg.plot and lead:
         summary["plot"] = plot_losses(tcfg.run_dir)
     if tcfg.sample_tokens:
+        # a post-trained model answers chats: --sample_prompt is the user's turn
+        prompt = (tcfg.sample_prompt if post is None else post.template.render(
+            [{"role": "user", "content": tcfg.sample_prompt}]))
         summary["sample"] = generate_text(model.merge(state.params, state.rest), tokenizer,
-                                          tcfg.sample_prompt, tcfg.sample_tokens, tcfg.seed,
-                                          mesh=mesh)
+                                          prompt, tcfg.sample_tokens, tcfg.seed, mesh=mesh)
     return summary
 
 
-def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log,
+def run_steps(tcfg, step_fn, evaluator, state, it, ckpt, speed, metrics_log,
               quiet: bool = False, on_save=None):
-    """The loop proper: step, check, report, evaluate, checkpoint (and on_save(state):
-    an adapter run's RUN/peft/). (state, summary)."""
+    """The loop proper: step, check, report, evaluate (evaluator(state) → {"val_loss",
+    ...}, or None: nothing held out), checkpoint (and on_save(state): an adapter run's
+    RUN/peft/). (state, summary)."""
     bar = Progress(tcfg.progress, tcfg.steps, int(state.step), quiet)
     sleep = float(os.environ.get("JAXLM_TRAIN_STEP_SLEEP", "0"))
     first_loss = last_loss = val_loss = None
+    val_metrics = {}
     try:
         while int(state.step) < tcfg.steps:
             t0 = time.perf_counter()
@@ -200,18 +223,22 @@ def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log
             first_loss = first_loss if first_loss is not None else float(m["loss"])
             last_loss = float(m["loss"])
             tps, mfu = speed.rates()
-            bar.update(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.1%}")
+            bar.update(loss=f"{last_loss:.3f}", **_bar_extra(m), tok_s=f"{tps:,.0f}",
+                       mfu=f"{mfu:.1%}")
             last = step == tcfg.steps
             if step % tcfg.log_every == 0 or last:
                 metrics_log.write({"step": step, "loss": last_loss, "ce": float(m["ce"]),
                                    "grad_norm": float(m["grad_norm"]), "lr": float(m["lr"]),
                                    "tokens": step * speed.tokens, "tokens_per_s": tps,
                                    "mfu": mfu, **_extra(m, tcfg), "time": time.time()})
-            if val and (step % tcfg.eval_every == 0 or last):
-                val_loss = evaluate(eval_step, state, val)
-                metrics_log.write({"step": step, "val_loss": val_loss,
-                                   "val_ppl": math.exp(min(val_loss, 700))})
-                bar.write(f"step {step}: train loss {last_loss:.4f}, val loss {val_loss:.4f}")
+            if evaluator and (step % tcfg.eval_every == 0 or last):
+                val_metrics = evaluator(state)
+                val_loss = val_metrics.get("val_loss")
+                if tcfg.task != "dpo" and val_loss is not None:
+                    val_metrics["val_ppl"] = math.exp(min(val_loss, 700))
+                metrics_log.write({"step": step, **val_metrics})
+                bar.write(f"step {step}: train loss {last_loss:.4f}, " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in val_metrics.items() if k != "val_ppl"))
             if step % tcfg.checkpoint_every == 0 or last:
                 ckpt.save(state, it.get_state())
                 if on_save is not None:
@@ -223,7 +250,8 @@ def run_steps(tcfg, step_fn, eval_step, state, it, val, ckpt, speed, metrics_log
     tps, mfu = speed.rates()
     return state, {"steps": int(state.step), "first_loss": first_loss, "final_loss": last_loss,
                    "val_loss": val_loss,
-                   "val_ppl": math.exp(val_loss) if val_loss is not None else None,
+                   "val_ppl": (math.exp(min(val_loss, 700)) if val_loss is not None and
+                               tcfg.task != "dpo" else None), "val": val_metrics,
                    "tokens_per_s": tps, "mfu": mfu, "matmul_peak_flops": speed.peak}
 
 
@@ -264,4 +292,17 @@ def _extra(m, tcfg: TrainConfig) -> dict:
     out.update({k: float(np.mean(v)) for k, v in m.items() if k.startswith("aux/")})
     out.update({k: float(m[k]) for k in ("load_imbalance", "router_bias_max") if k in m})
     out.update({k: float(v) for k, v in m.items() if k.startswith(("mtp_ce/", "medusa_ce/"))})
+    out.update({k: float(v) for k, v in m.items()  # DPO's, named as TRL logs them
+                if k.startswith(("rewards/", "logps/")) or k in DPO_EXTRA})
     return out
+
+
+DPO_EXTRA = ("preference_loss", "nll", "likelihood_accuracy")
+
+
+def _bar_extra(m) -> dict:
+    """The progress bar's DPO columns: reward accuracy and margin."""
+    if "rewards/accuracies" not in m:
+        return {}
+    return {"acc": f"{float(m['rewards/accuracies']):.2f}",
+            "margin": f"{float(m['rewards/margins']):.3f}"}

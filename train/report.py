@@ -67,21 +67,45 @@ def plot_losses(run_dir: str) -> str | None:
     records = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    dpo = any("rewards/accuracies" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if dpo else 1, figsize=(12 if dpo else 7, 4))
+    ax = axes[0] if dpo else axes
     if train:
         ax.plot(*zip(*train), label="train loss", lw=1)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("DPO loss" if dpo else "cross-entropy (nats/token)")
     ax.set_title(os.path.basename(os.path.abspath(run_dir)))
     ax.grid(alpha=0.3)
     ax.legend()
+    if dpo:
+        _plot_rewards(axes[1], records)
     path = os.path.join(run_dir, PLOT_FILE)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_rewards(ax, records) -> None:
+    """DPO's second panel: reward accuracy (train and held out) and the reward margin."""
+    for key, style, label in (("rewards/accuracies", "-", "train reward accuracy"),
+                              ("val_rewards/accuracies", "o-", "held-out reward accuracy")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            ax.plot(*zip(*points), style, label=label, lw=1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    margin = [(r["step"], r["rewards/margins"]) for r in records if "rewards/margins" in r]
+    if margin:
+        twin = ax.twinx()
+        twin.plot(*zip(*margin), color="tab:red", lw=1, label="train reward margin")
+        twin.set_ylabel("reward margin")
+        twin.legend(loc="lower right")
+    ax.legend(loc="upper left")
 
 
 class Progress:

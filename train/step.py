@@ -239,20 +239,42 @@ def micro_loss(model: SplitModel, tcfg: TrainConfig, params, mb, n_tokens, n_mic
     return loss, parts
 
 
+class Objective:
+    """What a train step minimises, in two parts a loss for another task replaces:
+    `counts(cfg, batch)`, the step's normalisers over the whole [accum, ...] batch (so
+    micro-batches of any size add up to one big batch), and `micro_loss(...)`, one
+    micro-batch's share of the loss and its metrics. `inputs` is passed to micro_loss as
+    `extra`, a jit argument (e.g. DPO's frozen reference weights). This one is next-token
+    cross-entropy with the model's extra heads: pretraining and SFT (whose loss mask
+    keeps only the answers' tokens)."""
+    inputs = None
+
+    def counts(self, cfg: Config, batch):
+        return head_counts(cfg, batch)
+
+    def micro_loss(self, model, tcfg, params, mb, counts, n_micro, rest, frozen, key, extra):
+        return micro_loss(model, tcfg, params, mb, counts, n_micro, rest, frozen, key)
+
+
+NEXT_TOKEN = Objective()
+
+
 def loss_and_grads(model: SplitModel, tcfg: TrainConfig, params, batch, scale=1.0, rest=None,
-                   frozen=None, key=None):
+                   frozen=None, key=None, objective: Objective = NEXT_TOKEN, extra=None):
     """(loss, grads, parts) of a whole [accum, b, t] batch; grads of loss × scale. rest:
     the non-Param variables to run with (default: the model's split-time values); frozen:
     an adapter run's base weights (gradients never reach them); key: LoRA dropout's key
-    (each micro-batch folds in its index)."""
+    (each micro-batch folds in its index); objective/extra: the loss (default next-token)
+    and its jit inputs."""
     n_micro = batch["inputs"].shape[0]
-    n_tokens = head_counts(model.cfg, batch)
+    counts = objective.counts(model.cfg, batch)
     keys = None if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(
         jnp.arange(n_micro))
 
     def one(mb, k):
         def f(p):
-            loss, parts = micro_loss(model, tcfg, p, mb, n_tokens, n_micro, rest, frozen, k)
+            loss, parts = objective.micro_loss(model, tcfg, p, mb, counts, n_micro, rest,
+                                               frozen, k, extra)
             return loss * scale, (loss, parts)
         (_, (loss, parts)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss, grads, parts
@@ -283,8 +305,10 @@ def moe_metrics(load, rest) -> dict:
     return out
 
 
-def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None):
+def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh | None = None,
+                    objective: Objective = NEXT_TOKEN):
     """The jitted pure function (state, batch) -> (state, metrics); the state is donated.
+    objective: the loss (default next-token cross-entropy; DPO's in train/preference.py).
 
     With a mesh: jax.jit with the state's shardings as outputs (inputs come sharded), the
     host batch [accum, b, t] laid out over the mesh by rows, metrics replicated, and the
@@ -293,13 +317,13 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
     lr_at = schedule(tcfg)
     dropout = model.uses_dropout
 
-    def step(state: TrainState, batch, frozen) -> tuple[TrainState, dict]:
+    def step(state: TrainState, batch, frozen, extra) -> tuple[TrainState, dict]:
         scale = state.loss_scale if dynamic else jnp.float32(1.0)
         # LoRA dropout: a key from (seed, step) alone, so a resumed run draws the same masks
         key = (jax.random.fold_in(jax.random.key(tcfg.seed), state.step) if dropout
                else None)
         loss, grads, parts = loss_and_grads(model, tcfg, state.params, batch, scale,
-                                            state.rest, frozen, key)
+                                            state.rest, frozen, key, objective, extra)
         load = parts.pop(LOAD, None)
         grads = jax.tree.map(lambda g: g.astype(jnp.float32) / scale, grads)
         grad_norm = optax.global_norm(grads)
@@ -325,25 +349,29 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
         return new, metrics
 
     if mesh is None:
-        return _with_frozen(jax.jit(step, donate_argnums=0), model)
+        return _with_frozen(jax.jit(step, donate_argnums=0), model, objective.inputs)
     shardings = (state_shardings(tcfg, model.cfg, optimizer, mesh), sharding.replicated(mesh))
-    return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1, model)
+    return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1, model,
+                    objective.inputs)
 
 
-def _with_frozen(jitted, model: SplitModel):
-    """jitted(first, batch, frozen) as run(first, batch): an adapter run's base weights go
-    in as an argument every call (never traced in as constants, never donated)."""
+def _with_frozen(jitted, model: SplitModel, *extra):
+    """jitted(first, batch, frozen, *extra) as run(first, batch): an adapter run's base
+    weights (and an objective's inputs) go in as arguments every call (never traced in
+    as constants, never donated)."""
     def run(first, batch):
-        return jitted(first, batch, model.frozen)
+        return jitted(first, batch, model.frozen, *extra)
     run.jitted = jitted
     return run
 
 
-def _on_mesh(jitted, mesh: Mesh, batch_dim: int, model: SplitModel):
-    """jitted(first, batch, frozen) run under the mesh, with the host batch made global."""
+def _on_mesh(jitted, mesh: Mesh, batch_dim: int, model: SplitModel, *extra):
+    """jitted(first, batch, frozen, *extra) run under the mesh, with the host batch made
+    global."""
     def run(first, batch):
         with jax.set_mesh(mesh):
-            return jitted(first, sharding.global_batch(batch, mesh, batch_dim), model.frozen)
+            return jitted(first, sharding.global_batch(batch, mesh, batch_dim), model.frozen,
+                          *extra)
     run.jitted = jitted  # for lowering/inspection (under jax.set_mesh, on a global batch)
     return run
 

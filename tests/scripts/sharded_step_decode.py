@@ -42,7 +42,9 @@ BATCH = {"inputs": tok[..., :-1].astype(np.int32), "targets": tok[..., 1:].astyp
          "positions": np.broadcast_to(np.arange(12, dtype=np.int32), (2, 8, 12)).copy(),
          "segment_ids": np.repeat(np.arange(2, dtype=np.int32), 6)[None, None]
          .repeat(2, 0).repeat(8, 1),
-         "loss_mask": np.ones((2, 8, 12), bool)}
+         # SFT-like uneven targets per row, so each data shard holds a different count:
+         # the loss must be normalised by the global count, not per shard
+         "loss_mask": rng.random((2, 8, 12)) < np.linspace(0.1, 1, 8)[None, :, None]}
 PROMPTS = [rng.integers(0, 64, n).tolist() for n in (5, 2, 3, 7, 2, 1, 3, 4)]
 
 
@@ -55,7 +57,8 @@ def train_side(mesh):
     lowered = ""
     if mesh is not None:
         with jax.set_mesh(mesh):
-            lowered = step.jitted.lower(state, sharding.global_batch(BATCH, mesh, 1), None).as_text()
+            lowered = step.jitted.lower(state, sharding.global_batch(BATCH, mesh, 1), None,
+                                       None).as_text()
     new, metrics = step(state, BATCH)
     return model, new, jax.device_get(metrics), lowered
 

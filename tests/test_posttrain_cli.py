@@ -1,0 +1,112 @@
+"""`python -m jaxlm.train --task sft|dpo` end to end on a tiny base run: SFT learns the
+answers (loss on assistant tokens only) and keeps the chat template in the run; DPO with
+LoRA and the adapter switched off as reference learns a preference the base does not have
+(held-out reward accuracy ≥ 0.9) and logs TRL's metrics; bad data and bad flags are
+refused in one line that names the line number or the fix."""
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+from jaxlm.train.cli import main as train_main
+from jaxlm.train.config import TrainConfig
+
+TRAIN = ["--seq_len", "64", "--batch_size", "4", "--warmup_steps", "2", "--log_every", "1",
+         "--sample_tokens", "0", "--progress", "false", "--plot", "false"]
+BASE = ["--model.d_model", "32", "--model.n_layers", "2", "--model.n_heads", "4",
+        "--model.n_kv_heads", "2", "--model.ffn_dim", "64", "--steps", "4", "--lr", "3e-3",
+        "--eval_every", "4", *TRAIN]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    os.environ["JAXLM_COMPILATION_CACHE"] = "0"   # in-process: leave jax's config alone
+    tmp = tmp_path_factory.mktemp("posttrain")
+    corpus = tmp / "code.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n" for i in range(300)))
+    run = str(tmp / "base")
+    assert train_main(BASE + ["--corpus", str(corpus), "--run_dir", run]) == 0
+    yield run, tmp
+    os.environ.pop("JAXLM_COMPILATION_CACHE")
+
+
+def _jsonl(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(path)
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_sft_then_lora_dpo(base, capsys):
+    run, tmp = base
+    rng = random.Random(0)
+    chats = [{"messages": [{"role": "user", "content": f"double {a}"},
+                           {"role": "assistant", "content": f"{2 * a}"}]}
+             for a in (rng.randint(0, 49) for _ in range(120))]
+    sft = str(tmp / "sft")
+    assert train_main(["--task", "sft", "--init", run, "--data", _jsonl(tmp / "sft.jsonl", chats),
+                       "--run_dir", sft, "--steps", "12", "--lr", "3e-3", "--eval_every", "12",
+                       *TRAIN]) == 0
+    out = capsys.readouterr().out
+    base_val = float(out.split("base model's validation loss ")[1].split()[0])
+    val = float(out.split("\nvalidation loss ")[1].split(",")[0])
+    assert val < base_val - 0.5, (base_val, val)
+    with open(os.path.join(sft, "tokenizer_config.json")) as f:
+        assert "<|assistant|>" in json.load(f)["chat_template"]   # kept for serving
+
+    # the rule: answer with double quotes; prompts carry either style half the time, so
+    # a base that copies the prompt's style sits near chance
+    pairs = []
+    for i in range(160):
+        q = '"' if i % 2 else "'"
+        word = rng.choice(["spam", "eggs", "ham", "tea", "jam"])
+        pairs.append({"prompt": f"a = {q}{i}{q}\nb = ", "chosen": f'"{word}"\n',
+                      "rejected": f"'{word}'\n"})
+    dpo = str(tmp / "dpo")
+    assert train_main(["--task", "dpo", "--init", sft, "--data",
+                       _jsonl(tmp / "dpo.jsonl", pairs), "--val_fraction", "0.2",
+                       "--peft", "lora:r=4,alpha=8,targets=q_proj,v_proj,o_proj",
+                       "--reference", "adapter_off", "--run_dir", dpo, "--steps", "16",
+                       "--lr", "2e-2", "--beta", "0.5", "--eval_every", "16", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    acc = float(out.split("reward accuracy ")[1].split(",")[0])
+    assert acc >= 0.9, out
+    rows = [r for r in _metrics(dpo) if "loss" in r]
+    assert rows[0]["loss"] == pytest.approx(np.log(2), abs=1e-4)   # policy = reference
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert key in rows[-1], key
+    assert os.path.isfile(os.path.join(dpo, "peft", "adapter_config.json"))
+
+
+def test_bad_data_is_refused_with_line_numbers(base, tmp_path, capsys):
+    run, _ = base
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant",
+                                                            "content": "hello"}]}
+    bad = [good, good, {"messages": [{"role": "user", "content": "no answer"}]}, good,
+           {"prompt": "p"}]
+    rc = train_main(["--task", "sft", "--init", run, "--data", _jsonl(tmp_path / "b.jsonl", bad),
+                     "--run_dir", str(tmp_path / "r"), *TRAIN])
+    err = capsys.readouterr().err
+    assert rc == 2 and "line 3" in err and "line 5" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--task", "dpo", "--data", "x.jsonl"], "--init"),
+    (["--task", "sft", "--init", "r"], "--data"),
+    (["--task", "dpo", "--init", "r", "--data", "x", "--loss", "kto"], "one of dpo, ipo"),
+    (["--task", "dpo", "--init", "r", "--data", "x", "--loss", "cdpo"], "--label_smoothing"),
+    (["--task", "dpo", "--init", "r", "--data", "x", "--reference", "adapter_off"], "--peft"),
+    (["--data", "x.jsonl"], "--task sft|dpo"),
+])
+def test_bad_flags_are_refused_in_one_line(argv, says):
+    from jaxlm.train.config import parse_overrides
+    with pytest.raises(ValueError, match=says.replace("|", r"\|")):
+        TrainConfig(**parse_overrides(argv)[0])
