@@ -110,3 +110,44 @@ def test_bad_flags_are_refused_in_one_line(argv, says):
     from jaxlm.train.config import parse_overrides
     with pytest.raises(ValueError, match=says.replace("|", r"\|")):
         TrainConfig(**parse_overrides(argv)[0])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_sft_from_an_hf_directory_with_prefix_tuning_uses_its_template(tmp_path, capsys):
+    """--init an HF directory: its tokenizer.json and chat template (with an eos that ends
+    plain completions) drive the data; prefix tuning trains; the run keeps the template."""
+    torch = pytest.importorskip("torch")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hf = tmp_path / "hf"
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["what is two plus two? four. three. five."] * 5, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128)).save_pretrained(hf)
+    tok.save(str(hf / "tokenizer.json"))
+    (hf / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>"}))
+    rows = ([{"messages": [{"role": "user", "content": f"what is {a}?"},
+                           {"role": "assistant", "content": b}]}
+             for a, b in (("two plus two", "four"), ("one plus two", "three"))] * 20
+            + [{"prompt": "two plus three is", "completion": " five."}] * 10)
+    run = str(tmp_path / "run")
+    assert train_main(["--task", "sft", "--init", str(hf), "--peft", "prefix:tokens=4",
+                       "--data", _jsonl(tmp_path / "d.jsonl", rows), "--run_dir", run,
+                       "--steps", "8", "--lr", "1e-2", "--eval_every", "8", *TRAIN]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("\nvalidation loss ")[1].split(",")[0]) < float(
+        out.split("base model's validation loss ")[1].split()[0])
+    with open(os.path.join(run, "tokenizer_config.json")) as f:
+        kept = json.load(f)
+    assert kept["chat_template"] == CHATML and kept["eos_token"] == "<|im_end|>"
+    assert os.path.isfile(os.path.join(run, "peft", "adapter_config.json"))

@@ -89,7 +89,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep: int = 3                    # checkpoints kept (the newest K)
     eval_every: int = 50
-    eval_batches: int = 4
+    eval_batches: int = 4            # held-out batches per evaluation (--task lm; sft and
+                                     # dpo evaluate every held-out example)
     log_every: int = 10              # metrics.jsonl lines (the bar updates every step)
     sample_tokens: int = 200         # generated at the end; 0 skips the sample
     sample_prompt: str = "def "

@@ -257,6 +257,9 @@ def attach_reference(run_dir: str, lm, sets: dict[str, PairSet], batch_size: int
     fn = None
     for name, pairs in sets.items():
         key = f"{name}_{pairs.fingerprint()[:16]}"
+        if not len(pairs):
+            pairs.ref = np.zeros((0, 2), np.float32)
+            continue
         if key in saved:
             pairs.ref = saved[key]
             continue

@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxlm.model.build import SplitModel
 from jaxlm.model.io.runs import write_run_file
+from jaxlm.ops.preference import REFERENCE_FREE
 
 from . import data as D
 from . import preference as PR
@@ -129,7 +130,7 @@ class PostTraining:
         t = PR.pair_length(self.train + self.val, tcfg.seq_len)
         train, val = PR.pair_set(self.train, t), PR.pair_set(self.val, t)
         ref_model, ref_weights = None, None
-        free = tcfg.loss in PR.P.REFERENCE_FREE
+        free = tcfg.loss in REFERENCE_FREE
         if not free and tcfg.reference == "precomputed":
             base = model.merge(state.params, state.rest, adapters=model.frozen is None)
             # the evaluation's batch shape: the step-0 rewards are then exactly 0
