@@ -139,13 +139,15 @@ def report(s: dict) -> None:
     lines = [f"trained {s['steps']} steps in {s['seconds']:.0f} s: loss {s['first_loss']:.3f}"
              f" → {s['final_loss']:.3f}" if s["first_loss"] is not None else
              f"nothing left to train ({s['steps']} steps)"]
-    if s.get("base_val_loss") is not None:
+    if s.get("base_val_loss") is not None and s.get("task") != "dpo":
         lines.append(f"base model's validation loss {s['base_val_loss']:.4f} (before "
                      f"fine-tuning)")
     if s.get("task") == "dpo" and s.get("val"):
         v, b = s["val"], s.get("base_eval") or {}
+        before = f"{b['val_loss']:.4f} → " if "val_loss" in b else ""
         lines.append(f"held-out pairs: reward accuracy {v['val_rewards/accuracies']:.3f}, "
-                     f"margin {v['val_rewards/margins']:.3f}, loss {v['val_loss']:.4f}")
+                     f"margin {v['val_rewards/margins']:.3f}, loss {before}"
+                     f"{v['val_loss']:.4f}")
         if "val_likelihood_accuracy" in b:
             lines.append(f"the base prefers the chosen answer (higher log-prob) on "
                          f"{b['val_likelihood_accuracy']:.3f} of them; after training "

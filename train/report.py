@@ -75,7 +75,7 @@ def plot_losses(run_dir: str) -> str | None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("DPO loss" if dpo else "cross-entropy (nats/token)")
+    ax.set_ylabel("preference loss" if dpo else "cross-entropy (nats/token)")
     ax.set_title(os.path.basename(os.path.abspath(run_dir)))
     ax.grid(alpha=0.3)
     ax.legend()
