@@ -183,3 +183,29 @@ def test_dpo_steps_raise_the_margin_and_resume_reads_the_same_batches():
     np.testing.assert_array_equal(next(again)["inputs"], next(it2)["inputs"])
 
 
+
+
+def test_full_fine_tune_copy_reference_and_padded_evaluation(tmp_path):
+    """Full fine-tuning: the 'copy' reference (the starting weights, copied) equals the
+    starting model run plainly; held-out evaluation over 5 pairs in batches of 4 (the
+    last padded with weight 0) gives the mean over exactly those 5 pairs."""
+    tcfg, model, opt = _full_ft("dpo")
+    pairs = _pairs(5, CFG.vocab_size, seed=7)
+    want = _plain_logps(create(CFG, 0), pairs)
+    rest = model.rest.to_pure_dict()
+    weights = (jax.tree.map(jnp.copy, model.params), rest, None)
+    copy = PR.PreferenceObjective(tcfg, "copy", model, weights)
+    mb = jax.tree.map(lambda x: x[0], _batch(pairs))
+    moved = jax.tree.map(lambda x: x + 0.05, model.params)    # the policy has moved on
+    got = jax.jit(lambda p, b, w: copy.reference_logps(model, b, p, rest, None, w))(
+        moved, mb, copy.inputs)
+    np.testing.assert_allclose(np.asarray(got).reshape(-1, 2), want, atol=1e-5)
+
+    state = init_state(tcfg, CFG, moved, opt)
+    policy = _plain_logps(model.merge(moved), pairs)
+    out = PR.evaluate_pairs(PR.make_pair_eval(model, copy), state, PR.eval_batches(pairs, 4))
+    margin = 0.5 * ((policy[:, 0] - want[:, 0]) - (policy[:, 1] - want[:, 1]))
+    np.testing.assert_allclose(out["rewards/margins"], margin.mean(), rtol=1e-4)
+    np.testing.assert_allclose(out["loss"], np.logaddexp(0, -margin).mean(), rtol=1e-4)
+    np.testing.assert_allclose(out["likelihood_accuracy"],
+                               np.mean(policy[:, 0] > policy[:, 1]), atol=1e-6)
