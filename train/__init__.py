@@ -2,6 +2,8 @@
 
     python -m jaxlm.train                       # tiny model on the stdlib's own source
     python -m jaxlm.train --preset small --steps 2000 --model.dtype bfloat16
+    python -m jaxlm.train --task sft --init RUN --data chats.jsonl      # or stdlib-sft
+    python -m jaxlm.train --task dpo --init RUN --data pairs.jsonl --loss dpo --beta 0.1
 """
 from .config import TrainConfig
 from .loop import TrainingDiverged, train
