@@ -116,9 +116,11 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def test_sft_from_an_hf_directory_with_prefix_tuning_uses_its_template(tmp_path, capsys):
+def test_sft_from_an_hf_directory_with_prefix_tuning_uses_its_template(tmp_path, capsys,
+                                                                       monkeypatch):
     """--init an HF directory: its tokenizer.json and chat template (with an eos that ends
     plain completions) drive the data; prefix tuning trains; the run keeps the template."""
+    monkeypatch.setenv("JAXLM_COMPILATION_CACHE", "0")   # in-process: leave jax's config
     torch = pytest.importorskip("torch")
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
