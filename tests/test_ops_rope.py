@@ -281,7 +281,10 @@ class RopeScalingTest(chex.TestCase):
     def test_yarn_mscale_matches_deepseek(self):
         # DeepSeek-V2/V3 attention multiplies its softmax scale by the square of this;
         # the reference is transformers' own modeling code.
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_get_mscale
+        try:   # transformers ≥ 5.25 moved it into its shared RoPE utilities
+            from transformers.modeling_rope_utils import yarn_get_mscale
+        except ImportError:
+            from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_get_mscale
         for scale, m in ((1.0, 1.0), (0.5, 1.0), (4.0, 1.0), (40.0, 0.707), (8.0, 2.0)):
             self.assertAlmostEqual(ops.yarn_mscale(scale, m), yarn_get_mscale(scale, m),
                                    places=12)
