@@ -209,3 +209,23 @@ def test_full_fine_tune_copy_reference_and_padded_evaluation(tmp_path):
     np.testing.assert_allclose(out["loss"], np.logaddexp(0, -margin).mean(), rtol=1e-4)
     np.testing.assert_allclose(out["likelihood_accuracy"],
                                np.mean(policy[:, 0] > policy[:, 1]), atol=1e-6)
+
+
+def test_dpo_on_a_sigmoid_router_moe_moves_the_router_biases():
+    """MoE under DPO: the aux losses enter the loss and the step's expert load reaches
+    the aux-loss-free bias update, as in next-token training."""
+    cfg = CFG.replace(n_experts=4, n_experts_per_tok=2, moe_ffn_dim=16, router="sigmoid")
+    tcfg = TrainConfig(task="dpo", init="x", data="x", lr=1e-3, warmup_steps=0,
+                       router_bias_rate=0.01)
+    model = SplitModel(create(cfg, 0))
+    opt = make_optimizer(tcfg, model.params)
+    state = init_state(tcfg, cfg, model.params, opt, rest=model.rest.to_pure_dict())
+    before = jax.tree.map(np.array, state.rest)
+    pairs = _pairs(4, cfg.vocab_size, seed=8)
+    pairs.ref = np.zeros((4, 2), np.float32)
+    step = make_train_step(model, tcfg, opt, objective=PR.PreferenceObjective(tcfg, "precomputed"))
+    state, m = step(state, _batch(pairs))
+    assert "load_imbalance" in m and np.isfinite(float(m["loss"]))
+    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(state.rest),
+                                                 jax.tree.leaves(before))]
+    assert max(moved) == pytest.approx(0.01, rel=1e-5)

@@ -33,7 +33,7 @@ from jaxlm.model.peft import PeftInputs
 from jaxlm.ops import preference as P
 
 from .config import TrainConfig
-from .step import Objective, aux_loss
+from .step import LOAD, Objective, aux_loss
 
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -181,7 +181,7 @@ class PreferenceObjective(Objective):
                  "logps/chosen": jax.lax.stop_gradient(pc),
                  "logps/rejected": jax.lax.stop_gradient(pr),
                  "likelihood_accuracy": (pc > pr).astype(jnp.float32)}
-        nll = -jnp.sum(P.sequence_logps(logits[0::2], mb["targets"][0::2], mask[0::2]))
+        nll = -jnp.sum(pc)   # Σ over the chosen rows' answer tokens of −log p
         return loss, stats, nll, aux
 
     def micro_loss(self, model, tcfg, params, mb, counts, n_micro, rest, frozen, key, extra):
@@ -195,6 +195,8 @@ class PreferenceObjective(Objective):
             parts["nll"] = nll / n_chosen
         # the loop's "ce" column: the chosen answers' per-token NLL
         parts["ce"] = nll / n_chosen
+        if LOAD in aux:   # a sigmoid router's expert load, for aux-loss-free balancing
+            parts[LOAD] = aux[LOAD] / n_micro
         return total, parts
 
 
