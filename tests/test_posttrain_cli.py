@@ -1,15 +1,23 @@
 """`python -m jaxlm.train --task sft|dpo` end to end on a tiny base run: SFT learns the
 answers (loss on assistant tokens only) and keeps the chat template in the run; DPO with
 LoRA and the adapter switched off as reference learns a preference the base does not have
-(held-out reward accuracy ≥ 0.9) and logs TRL's metrics; bad data and bad flags are
-refused in one line that names the line number or the fix."""
+(held-out reward accuracy ≥ 0.9) and logs TRL's metrics; a killed DPO run resumes bitwise
+with its stored reference log-probs; bad data and bad flags are refused in one line that
+names the line number or the fix."""
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
+import time
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxlm.model.io.runs import load_run
 from jaxlm.train.cli import main as train_main
 from jaxlm.train.config import TrainConfig
 
@@ -43,6 +51,18 @@ def _metrics(run):
         return [json.loads(line) for line in f]
 
 
+def _quote_pairs(n, seed=0):
+    """Answer with double quotes; the prompt shows either style half the time."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        q = '"' if i % 2 else "'"
+        word = rng.choice(["spam", "eggs", "ham", "tea", "jam"])
+        pairs.append({"prompt": f"a = {q}{i}{q}\nb = ", "chosen": f'"{word}"\n',
+                      "rejected": f"'{word}'\n"})
+    return pairs
+
+
 def test_sft_then_lora_dpo(base, capsys):
     run, tmp = base
     rng = random.Random(0)
@@ -60,17 +80,10 @@ def test_sft_then_lora_dpo(base, capsys):
     with open(os.path.join(sft, "tokenizer_config.json")) as f:
         assert "<|assistant|>" in json.load(f)["chat_template"]   # kept for serving
 
-    # the rule: answer with double quotes; prompts carry either style half the time, so
-    # a base that copies the prompt's style sits near chance
-    pairs = []
-    for i in range(160):
-        q = '"' if i % 2 else "'"
-        word = rng.choice(["spam", "eggs", "ham", "tea", "jam"])
-        pairs.append({"prompt": f"a = {q}{i}{q}\nb = ", "chosen": f'"{word}"\n',
-                      "rejected": f"'{word}'\n"})
+    # a base that copies the prompt's quote style sits near chance on these
     dpo = str(tmp / "dpo")
     assert train_main(["--task", "dpo", "--init", sft, "--data",
-                       _jsonl(tmp / "dpo.jsonl", pairs), "--val_fraction", "0.2",
+                       _jsonl(tmp / "dpo.jsonl", _quote_pairs(160)), "--val_fraction", "0.2",
                        "--peft", "lora:r=4,alpha=8,targets=q_proj,v_proj,o_proj",
                        "--reference", "adapter_off", "--run_dir", dpo, "--steps", "16",
                        "--lr", "2e-2", "--beta", "0.5", "--eval_every", "16", *TRAIN]) == 0
@@ -83,6 +96,60 @@ def test_sft_then_lora_dpo(base, capsys):
                 "logps/chosen", "logps/rejected"):
         assert key in rows[-1], key
     assert os.path.isfile(os.path.join(dpo, "peft", "adapter_config.json"))
+
+
+def _checkpoints(run):
+    folder = os.path.join(run, "checkpoints")
+    return sorted(int(d) for d in os.listdir(folder) if d.isdigit()) if os.path.isdir(
+        folder) else []
+
+
+def test_a_killed_dpo_run_resumes_bitwise_and_reads_its_reference_back(base):
+    """SIGKILL mid-run, then --resume: the same weights and metrics as an uninterrupted
+    run, with the precomputed reference log-probs read from the run, not recomputed."""
+    run, tmp = base
+    data = _jsonl(tmp / "resume_pairs.jsonl", _quote_pairs(64, seed=3))
+    full, killed = str(tmp / "dpo_full"), str(tmp / "dpo_killed")
+    common = ["-m", "jaxlm.train", "--task", "dpo", "--init", run, "--data", data,
+              "--steps", "8", "--checkpoint_every", "2", "--eval_every", "8",
+              "--lr", "1e-2", "--beta", "0.5", *TRAIN]
+    # the later runs find the first one's programs in a cache of their own
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAXLM_COMPILATION_CACHE": "1",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp / "xla")}
+
+    def train(args, **extra):
+        return subprocess.Popen([sys.executable, *common, *args], env={**env, **extra},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    ref = train(["--run_dir", full])
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-2000:]
+    assert "reference log-probs of" in out   # computed once, before training
+
+    victim = train(["--run_dir", killed], JAXLM_TRAIN_STEP_SLEEP="0.4")
+    deadline = time.time() + 240
+    while max(_checkpoints(killed), default=0) < 4:
+        assert victim.poll() is None, victim.communicate()[1][-2000:]
+        assert time.time() < deadline, "no checkpoint appeared in time"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert 4 <= max(_checkpoints(killed)) < 8   # really mid-way
+
+    resumed = train(["--run_dir", killed, "--resume"])
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "resuming at step" in out and "reference log-probs of" not in out
+
+    (a, _, sa), (b, _, sb) = load_run(full), load_run(killed)
+    assert sa == sb == 8
+    for x, y in zip(jax.tree.leaves(nnx.state(a)), jax.tree.leaves(nnx.state(b))):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    keys = ("step", "loss", "rewards/margins", "rewards/accuracies", "logps/chosen")
+    rows = [[tuple(r.get(k) for k in keys) for r in _metrics(d) if "loss" in r]
+            for d in (full, killed)]
+    assert rows[0] == rows[1] and len(rows[0]) == 8
+    assert rows[0][-1][1] < np.log(2)   # it trained
 
 
 def test_bad_data_is_refused_with_line_numbers(base, tmp_path, capsys):
