@@ -83,11 +83,15 @@ def soft_cap(x, cap):
     return cap * jnp.tanh(x / cap)
 
 
-def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None):
+def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None, k_scale=None,
+                  v_scale=None):
     """Reference: softmax(q kᵀ · scale [+ bias]) v with an explicit [b,t,s] mask.
 
     Logits and softmax are float32 whatever the input dtype. Rows whose mask is
     all False (padding queries) produce zeros instead of NaN.
+    k_scale, v_scale [b,s,k]: k and v are int8 with one scale per (token, kv head)
+    (ops.quant.quantize_kv); the keys' scale multiplies the logits and the values' scale
+    the probabilities, so neither is dequantized whole (as jax-llm-examples does).
     """
     b, t, h, d = q.shape
     s, kh, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -97,7 +101,10 @@ def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None):
     # ("btkgd,bskd->bkgts") makes XLA's CPU dots transpose operands first: 2-3× slower
     # in decode (t = 1) and ~25% slower forward+backward in training.
     rows = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
-    logits = jnp.einsum("bkrd,bskd->bkrs", rows, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bkrd,bskd->bkrs", rows, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    if k_scale is not None:  # [b,s,k] → [b,k,1,s]
+        logits = logits * k_scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None]
     logits = logits.reshape(b, kh, g, t, s) * scale
     if softcap is not None:
         logits = soft_cap(logits, softcap)
@@ -107,7 +114,11 @@ def xla_attention(q, k, v, mask, *, scale, softcap=None, bias=None):
     logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     probs = jnp.where(m.any(-1, keepdims=True), probs, 0.0)
-    out = jnp.einsum("bkrs,bskd->bkrd", probs.astype(v.dtype).reshape(b, kh, g * t, s), v,
+    probs = probs.reshape(b, kh, g * t, s)
+    if v_scale is not None:
+        probs = probs * v_scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None]
+    vdtype = q.dtype if v_scale is not None else v.dtype
+    out = jnp.einsum("bkrs,bskd->bkrd", probs.astype(vdtype), v.astype(vdtype),
                      preferred_element_type=jnp.float32)
     out = out.reshape(b, kh, g, t, dv).transpose(0, 3, 1, 2, 4)
     return out.reshape(b, t, h, dv).astype(q.dtype)
@@ -140,7 +151,7 @@ def attention(q, k, v, *, causal: bool = False, sliding_window: int | None = Non
               q_positions=None, kv_positions=None, q_segment_ids=None,
               kv_segment_ids=None, kv_lengths=None, scale: float | None = None,
               softcap: float | None = None, alibi_slopes=None,
-              implementation: str = "xla"):
+              implementation: str = "xla", k_scale=None, v_scale=None):
     """Multi-head / grouped-query / multi-query attention.
 
     Args:
@@ -157,9 +168,21 @@ def attention(q, k, v, *, causal: bool = False, sliding_window: int | None = Non
       alibi_slopes: [h] slopes; adds -slope * |q_pos - kv_pos| to the logits.
       implementation: "xla" (reference einsums), "cudnn" (jax.nn.dot_product_attention
         on GPU) or "pallas" (tiled flash kernels, ops/pallas).
+      k_scale, v_scale: [b,s,k] for an int8 cache (ops.quant.quantize_kv): k and v are
+        int8 and each (token, kv head) has its scale. "xla" applies them to the logits and
+        probabilities; the fused kernels take the dequantized k and v.
     Returns: [b,t,h,dv] in q's dtype.
     """
     _check_shapes(q, k, v)
+    for name, sc, x in (("k_scale", k_scale, k), ("v_scale", v_scale, v)):
+        if sc is not None and sc.shape != x.shape[:3]:
+            raise ValueError(f"{name} {sc.shape} must be [b,s,k] = {x.shape[:3]}")
+    if (k_scale is not None or v_scale is not None) and implementation != "xla":
+        from .quant import dequantize_kv
+        if k_scale is not None:
+            k, k_scale = dequantize_kv(k, k_scale[..., None], q.dtype), None
+        if v_scale is not None:
+            v, v_scale = dequantize_kv(v, v_scale[..., None], q.dtype), None
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; choose one of {IMPLEMENTATIONS}")
     if sliding_window is not None and sliding_window < 1:
@@ -200,4 +223,5 @@ def attention(q, k, v, *, causal: bool = False, sliding_window: int | None = Non
             raise ValueError(f"alibi_slopes must have shape [h]=({q.shape[2]},), "
                              f"got {alibi_slopes.shape}")
         bias = alibi_bias(alibi_slopes, q_positions, kv_positions)
-    return xla_attention(q, k, v, mask, scale=scale, softcap=softcap, bias=bias)
+    return xla_attention(q, k, v, mask, scale=scale, softcap=softcap, bias=bias,
+                         k_scale=k_scale, v_scale=v_scale)

@@ -76,13 +76,21 @@ def _check(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, v_dim):
         raise ValueError(f"kv_lengths {kv_lengths.shape} must be [b] = ({q.shape[0]},)")
 
 
-def _xla_paged(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, *, v_dim, **kw):
-    """Gather reference: each row's pages in slot order, then the dense op."""
+def _xla_paged(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, *, v_dim,
+               k_scales=None, v_scales=None, **kw):
+    """Gather reference: each row's pages in slot order, then the dense op (int8 pages go
+    in as int8 with their gathered scales)."""
     keys = gather_pages(k_pages, block_tables)                       # [b,s,k,d]
     # MLA: values are the leading columns of the single latent key head.
     values = keys[..., :v_dim] if v_pages is None else gather_pages(v_pages, block_tables)
     b, s = keys.shape[:2]
-    return attention(q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
+    if k_scales is not None:
+        kw["k_scale"] = gather_pages(k_scales, block_tables)
+        kw["v_scale"] = (kw["k_scale"] if v_pages is None
+                         else gather_pages(v_scales, block_tables))
+    else:
+        keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    return attention(q, keys, values, causal=True,
                      q_positions=q_positions.astype(jnp.int32),
                      kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
                      kv_lengths=kv_lengths, **kw)
@@ -91,7 +99,7 @@ def _xla_paged(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, *, v_
 def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, *,
                     sliding_window: int | None = None, scale: float | None = None,
                     softcap: float | None = None, alibi_slopes=None, v_dim: int | None = None,
-                    implementation: str = "xla"):
+                    implementation: str = "xla", k_scales=None, v_scales=None):
     """Causal attention of b rows of t new tokens each against their paged KV caches.
 
     Args:
@@ -105,11 +113,21 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, 
         written with paged_write before the call); 0 for a padding row (output zeros).
       sliding_window, scale, softcap, alibi_slopes: as ops.attention.
       implementation: "xla" (gather + dense op) or "pallas" (ops/pallas/paged.py).
+      k_scales, v_scales: [p,z,k] for int8 pools (one scale per token and kv head,
+        ops.quant.quantize_kv); v_scales is None for MLA (the values share the keys'
+        scale). "xla" applies them inside attention; the Pallas kernel reads float pages,
+        so for it the pools are dequantized first (a full pass over the pool per call).
     Query (r, i) sees row r's slots j with j <= q_positions[r,i], j < kv_lengths[r] and
     q_positions[r,i] - j < sliding_window.
     Returns: [b,t,h,dv] in q's dtype.
     """
     _check(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, v_dim)
+    if (k_scales is None) != (k_pages.dtype != jnp.int8) or (
+            v_pages is not None and (v_scales is None) != (k_scales is None)):
+        raise ValueError("int8 pools need their scales (k_scales, and v_scales unless "
+                         "v_pages is None) and float pools take none")
+    if k_scales is not None and k_scales.shape != k_pages.shape[:3]:
+        raise ValueError(f"k_scales {k_scales.shape} must be [p,z,k] = {k_pages.shape[:3]}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; choose one of {IMPLEMENTATIONS}")
     if sliding_window is not None and sliding_window < 1:
@@ -122,6 +140,11 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, 
             raise ValueError("paged_attention(implementation='pallas') does not support "
                              "alibi_slopes; use implementation='xla'")
         from .pallas import paged as _pallas  # lazy: Pallas import is heavy
+        if k_scales is not None:
+            from .quant import dequantize_kv
+            k_pages = dequantize_kv(k_pages, k_scales[..., None], q.dtype)
+            if v_pages is not None:
+                v_pages = dequantize_kv(v_pages, v_scales[..., None], q.dtype)
         # The kernel walks one query token per program: hand it the rows' tokens flat.
         b, t = q.shape[:2]
         rows = jnp.repeat(jnp.arange(b, dtype=jnp.int32), t)
@@ -132,4 +155,5 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, 
         return out.reshape(b, t, *out.shape[1:])
     return _xla_paged(q, k_pages, v_pages, block_tables, q_positions, kv_lengths,
                       v_dim=v_dim, sliding_window=sliding_window, scale=scale,
-                      softcap=softcap, alibi_slopes=alibi_slopes)
+                      softcap=softcap, alibi_slopes=alibi_slopes, k_scales=k_scales,
+                      v_scales=v_scales)
