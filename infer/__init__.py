@@ -8,6 +8,7 @@
     new = engine.generate(prompts, max_new_tokens=32, adapter_ids=[0, 2, -1])
     engine = Engine(lm, speculative=Speculative("lookup", n_draft=4))  # exact, faster
     sched = Scheduler(lm, kv_memory=512 << 20)   # continuous batching over a paged cache
+    engine = Engine(lm, quantize="int8", cache_dtype="int8")   # int8 weights and KV cache
 """
 from jaxlm.ops.sampling import Sampling
 

@@ -29,6 +29,7 @@ from flax import nnx
 from jaxlm.model import peft as P
 from jaxlm.model.cache import heads_to_layout
 from jaxlm.model.transformer import CausalLM
+from jaxlm.ops.quant import quantize_kv
 
 from .cache import DecodeCache
 from .prefix import _copy_into_rows
@@ -114,14 +115,21 @@ def _load(lm: CausalLM, adapter, i: int) -> CausalLM:
 
 
 def _prefix_table(prefixes: dict, dtype, slot_axis: int, where=None) -> dict:
+    int8 = jnp.dtype(dtype) == jnp.int8   # an int8 cache holds the prefix quantized
     table = {}
     for adapter, prefix in prefixes.items():
         if prefix is None:
             continue
-        kv = jax.device_put(prefix.kv(dtype), where)           # [l,2,P,kh,hd]
-        layers = tuple(tuple(heads_to_layout(kv[i, j][None], slot_axis) for j in (0, 1))
-                       for i in range(kv.shape[0]))             # per layer, one row's K, V
-        table[adapter] = (layers, kv.shape[2])
+        kv = jax.device_put(prefix.kv(jnp.float32 if int8 else dtype), where)  # [l,2,P,kh,hd]
+        layers = []                                              # per layer, one row's K, V
+        for i in range(kv.shape[0]):
+            k, v = (heads_to_layout(kv[i, j][None], slot_axis) for j in (0, 1))
+            if int8:
+                (k, k_scale), (v, v_scale) = quantize_kv(k), quantize_kv(v)
+                layers.append((k, v, k_scale, v_scale))
+            else:
+                layers.append((k, v))
+        table[adapter] = (tuple(layers), kv.shape[2])
     return table
 
 

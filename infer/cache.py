@@ -3,6 +3,8 @@
     layers[i] = (k [b,k,S,d], v [b,k,S,dv])      standard attention, implementation="xla"
               = (k [b,S,k,d], v [b,S,k,dv])      standard attention, Pallas / cuDNN kernels
               = (latent [b,S,r], k_rope [b,S,dr]) MLA
+              int8 (dtype="int8"): the same int8 buffers followed by their scales, one per
+              token and kv head, [..., 1] (MLA: one per token over latent ⊕ k_rope)
     lengths   = [b] int32                        slots filled in each row
     peft_ids  = [b] int32 or None                each row's index in the model's stacked
                                                  adapters (−1: none; infer/adapters.py)

@@ -66,6 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "default: the model's max_position")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's)")
+    add_quant_args(p)
+    p.add_argument("--save-quantized", metavar="DIR", help="with --quantize: also save the "
+                   "quantized model as a run directory (load it later with --checkpoint "
+                   "DIR; it is not quantized again)")
     p.add_argument("--chunk", type=int, default=8, help="decode steps between prints")
     p.add_argument("--bench", action="store_true",
                    help="print prefill/decode tokens/s, time to first token, cache memory")
@@ -89,6 +93,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     return p.parse_args(argv)
+
+
+def add_quant_args(p) -> None:
+    """--quantize, --quant-group and --cache-dtype (the server takes them too)."""
+    p.add_argument("--quantize", choices=("int8", "int4"), help="serve the weights "
+                   "quantized: int8 per output channel or int4 in groups (jaxlm.model.quant)")
+    p.add_argument("--quant-group", type=int, default=64, metavar="G",
+                   help="int4: contraction rows sharing a scale (default 64)")
+    p.add_argument("--cache-dtype", choices=("float32", "bfloat16", "float16", "int8"),
+                   help="KV-cache dtype (default: the compute dtype); int8 stores keys and "
+                   "values quantized with a scale per token and kv head")
+
+
+def check_quant_args(args) -> None:
+    if args.quant_group < 2 or args.quant_group % 2:
+        raise ValueError(f"--quant-group must be an even number >= 2, got {args.quant_group}")
+    if args.quant_group != 64 and args.quantize != "int4":
+        raise ValueError("--quant-group applies to --quantize int4")
+    if getattr(args, "save_quantized", None) and not args.quantize:
+        raise ValueError("--save-quantized needs --quantize int8 or int4")
+
+
+def tokenizer_file(args) -> str | None:
+    """The tokenizer.json the loaded model uses (None: bytes), for --save-quantized."""
+    if args.hf:
+        path = os.path.join(args.hf, "tokenizer.json")
+        return path if os.path.isfile(path) else None
+    from jaxlm.model.io.runs import read_run_file
+    spec = read_run_file(args.checkpoint)["tokenizer"]
+    return None if spec == "byte" else os.path.join(args.checkpoint, spec)
 
 
 def _ids(text: str, what: str) -> list[int]:
@@ -119,6 +153,10 @@ def check_args(args) -> None:
                          f"Hugging Face model directory")
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
+    check_quant_args(args)
+    if args.save_quantized and os.path.exists(os.path.join(args.save_quantized, "run.json")):
+        raise ValueError(f"--save-quantized {args.save_quantized!r} already holds a run; "
+                         f"pick a new directory")
     if args.mesh:
         from jaxlm.model.sharding import parse_mesh_spec
         try:
@@ -297,7 +335,9 @@ def bench(engine, prompts, args, sampling, stops, ids=None) -> None:
     print(f"decode               {decoded / max(t3 - t2, 1e-9):9.1f} tokens/s "
           f"({1e3 * (t3 - t2) / max(int(state.step) - 1, 1):.2f} ms/step)")
     print(f"cache memory         {nbytes / 2**20:9.2f} MiB "
-          f"({shape[0]} rows x {shape[1]} slots, {engine.cfg.n_layers} layers)")
+          f"({shape[0]} rows x {shape[1]} slots, {engine.cfg.n_layers} layers; "
+          f"{engine.cache_dtype or engine.cfg.dtype}, {engine.kv_bytes_per_token} bytes "
+          f"per token)")
 
 
 def run(args) -> None:
@@ -326,8 +366,27 @@ def run(args) -> None:
         from jaxlm.model.io.peft import load_peft
         lm, ids = load_peft(lm, args.adapter[0]), None  # one adapter: on the model itself
     adapters = args.adapter if ids is not None else None
-    engine = Engine(lm, max_len=max_len, mesh=mesh, adapters=adapters, merge=args.merge,
-                    speculative=speculative(args, lm))
+    quantize, merge = args.quantize, args.merge
+    if quantize:
+        from jaxlm.model.quant import quantize as quantize_weights, weight_bytes
+        if merge:   # fold the LoRA into the float weights first (Engine does the same)
+            from jaxlm.model import peft
+            lm, merge = peft.merge(lm), False
+        lm, quantize = quantize_weights(lm, args.quantize, args.quant_group), None
+        wb = weight_bytes(lm)
+        print(f"weights {args.quantize}: {wb['quantized'] / 2**20:.2f} MiB quantized "
+              f"({wb['quantized'] / wb['float_equivalent']:.3f}x of float32) + "
+              f"{wb['other'] / 2**20:.2f} MiB float", file=sys.stderr)
+        if args.save_quantized:
+            from jaxlm.model.io.runs import save_model
+            save_model(lm, args.save_quantized, tokenizer_file(args))
+            print(f"saved the quantized model to {args.save_quantized} (load it with "
+                  f"--checkpoint {args.save_quantized})", file=sys.stderr)
+    engine = Engine(lm, max_len=max_len, mesh=mesh, adapters=adapters, merge=merge,
+                    speculative=speculative(args, lm), cache_dtype=args.cache_dtype)
+    if args.quantize or args.cache_dtype:
+        print(f"KV cache: {engine.cache_dtype or lm.cfg.dtype}, {engine.kv_bytes_per_token} "
+              f"bytes per token", file=sys.stderr)
     del lm  # the engine holds its own per-layer copy of the weights
     engine.check(prompts, args.max_new_tokens, stops, ids)
     if args.bench:

@@ -34,14 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxlm.model.cache import slot_axis
+from jaxlm.model.cache import cache_dtype as cache_dtype_of, slot_axis
+from jaxlm.model.memory import kv_bytes_per_token
+from jaxlm.model.quant import quantize as quantize_weights
 from jaxlm.model.sharding import replicated as replicated_on
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling, sample
 
 from .adapters import prepare, row_adapters, with_adapters
 from .cache import DecodeCache, round_up
-from .forward import LayerGraphs, LayerWeights, forward, replicated, split_model
+from .forward import (LayerGraphs, LayerWeights, forward, loop_weights, replicated,
+                      split_model)
 from .prefix import PrefixCache, fill_rows
 from .speculative import SpecDecoder, Speculative
 
@@ -103,7 +106,8 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, state: DecodeState, cach
 
     def step(carry):
         state, cache = carry
-        logits, cache = forward(graphs, weights, state.last[:, None], cache)
+        logits, cache = forward(graphs, loop_weights(graphs, weights, state.step),
+                                state.last[:, None], cache)
         logits = logits[:, 0]
         if sampling is None or sampling.greedy:  # no key to split (nor threefry to compile)
             key, new = state.key, sample(None, logits)
@@ -169,16 +173,29 @@ class Engine:
     speculative: a Speculative setting; generate and stream then draft and verify
     (infer/speculative.py) and leave `speculative_stats` (acceptance rate, tokens per
     target forward) of the last request.
+    quantize: "int8" or "int4" serves a weight-quantized copy of lm
+    (jaxlm.model.quant.quantize; quant_group for int4); a model loaded already quantized
+    needs none. cache_dtype: the KV cache's dtype, default the compute dtype; "int8"
+    stores keys and values quantized per (token, kv head) (`kv_bytes_per_token` says
+    what a token costs). keep_quantized: read quantized weights quantized in every decode
+    step (default: on GPU/TPU, not on CPU; infer.forward.loop_weights says why).
     """
 
     def __init__(self, lm: CausalLM, *, max_len: int | None = None, cache_dtype=None,
                  mesh: Mesh | None = None, adapters=None, merge: bool = False,
-                 speculative: Speculative | None = None):
+                 speculative: Speculative | None = None, quantize: str | None = None,
+                 quant_group: int = 64, keep_quantized: bool | None = None):
+        if quantize is not None:
+            if merge:  # fold the LoRA into (a copy of) the float weights, then quantize
+                lm, _ = prepare(lm, adapters, True, jnp.float32, slot_axis(lm.cfg))
+                merge = False
+            lm = quantize_weights(lm, quantize, quant_group)
+        cache_dtype = None if cache_dtype is None else cache_dtype_of(lm.cfg, cache_dtype).name
         self.cfg = lm.cfg
         served, self.served = prepare(lm, adapters, merge,
                                       jnp.dtype(cache_dtype or lm.cfg.dtype), slot_axis(lm.cfg),
                                       None if mesh is None else replicated_on(mesh))
-        self.graphs, self.weights = split_model(served, mesh)
+        self.graphs, self.weights = split_model(served, mesh, keep_quantized)
         if max_len is None and self.cfg.position == "learned":
             max_len = self.cfg.max_position
         if max_len is not None and max_len < 2:
@@ -188,6 +205,11 @@ class Engine:
         self.prefixes = PrefixCache(self)      # rows of the engine's own model (id -1)
         self._prefix_caches = {-1: self.prefixes}
         self.spec = None if speculative is None else SpecDecoder(self, speculative)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes one token takes over all layers, in this engine's cache dtype."""
+        return kv_bytes_per_token(self.cfg, dtype=self.cache_dtype)
 
     @property
     def speculative_stats(self) -> dict | None:

@@ -38,12 +38,13 @@ from .cache import DecodeCache, cache_sharding
 class LayerGraphs:
     """The static half of a model cut at its layers (hashable: a jit static argument):
     `outer`, the graph of the model without its blocks (embeddings, final norm, head);
-    `layers`, one Block graph per layer; and the mesh that the weights and the cache
-    are sharded over (None: one device)."""
+    `layers`, one Block graph per layer; the mesh that the weights and the cache
+    are sharded over (None: one device); and `keep_quantized` (see loop_weights)."""
     cfg: Config
     outer: Any
     layers: tuple
     mesh: Mesh | None = None
+    keep_quantized: bool = False
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["outer", "layers"], meta_fields=[])
@@ -54,16 +55,40 @@ class LayerWeights:
     layers: tuple
 
 
-def split_model(lm: CausalLM, mesh: Mesh | None = None) -> tuple[LayerGraphs, LayerWeights]:
+def split_model(lm: CausalLM, mesh: Mesh | None = None,
+                keep_quantized: bool | None = None) -> tuple[LayerGraphs, LayerWeights]:
     """(static graphs, per-layer weights) of lm, laid out over `mesh` by the logical axis
-    rules when one is given (tensor-parallel heads/mlp, FSDP embed, experts)."""
+    rules when one is given (tensor-parallel heads/mlp, FSDP embed, experts).
+    keep_quantized: for quantized weights, whether decode loops read them quantized in
+    every step (loop_weights); None: on every backend but the CPU."""
+    if keep_quantized is None:
+        keep_quantized = jax.default_backend() != "cpu"
+    keep_quantized = bool(keep_quantized and lm.cfg.weight_quant is not None)
     outer_graph, outer_state, layer_graphs, layer_states = split_layers(lm)
     if mesh is not None:
         outer_state = jax.device_put(outer_state, sharding.state_shardings(outer_state, mesh))
         layer_states = tuple(jax.device_put(st, sharding.state_shardings(st, mesh, drop=1))  # no 'layers'
                              for st in layer_states)
-    return (LayerGraphs(lm.cfg, outer_graph, layer_graphs, mesh),
+    return (LayerGraphs(lm.cfg, outer_graph, layer_graphs, mesh, keep_quantized),
             LayerWeights(outer_state, layer_states))
+
+
+def loop_weights(graphs: LayerGraphs, weights: LayerWeights, counter) -> LayerWeights:
+    """The weights as the body of a decode loop (while/fori over steps) reads them.
+
+    A quantized weight is dequantized where a matmul reads it. Inside a loop that
+    conversion does not depend on the step, so XLA hoists it out of the loop: the loop
+    then reads a float copy of every weight (as much memory as the float model, on top of
+    the quantized one). Where the backend fuses the conversion into the matmul (GPU, TPU)
+    that throws away the point of quantizing, so with graphs.keep_quantized the weights
+    pass an optimization barrier together with the loop counter: the conversion then
+    depends on the step and stays beside its matmul. XLA's CPU backend does not fuse it
+    (it writes the float weight, then calls its dot: 5-12x a float32 matmul, measured in
+    benchmarks/quantize.py), so on CPU the default lets XLA hoist, trading memory during
+    a decode call for float32 speed."""
+    if not graphs.keep_quantized:
+        return weights
+    return jax.lax.optimization_barrier((weights, counter))[0]
 
 
 def replicated(graphs: LayerGraphs, tree):

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.cache import paged_buffers
+from jaxlm.model.cache import cache_dtype as cache_dtype_of, paged_buffers
 from jaxlm.model.memory import pages_for
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling
@@ -93,14 +93,17 @@ class Scheduler:
     (n_pages derived from it); or n_pages directly; default: room for max_seqs sequences
     of max_len. max_len: prompt + generated tokens per request (default the model's
     max_position). tokenizer: needed only for stop strings. prefix_sharing: reuse full
-    pages of earlier prompts. cache_dtype: the pools' dtype (default the model's).
+    pages of earlier prompts. cache_dtype: the pools' dtype (default the model's; "int8"
+    stores keys and values quantized, with a scale per token and kv head).
     decode_steps: tokens per row per device call while every sequence decodes (K; 1: one
-    step per call)."""
+    step per call). keep_quantized: as Engine's (quantized weights read quantized in every
+    step; default on GPU/TPU)."""
 
     def __init__(self, lm: CausalLM, *, tokenizer=None, page_size: int = 16,
                  kv_memory: int | None = None, n_pages: int | None = None, max_seqs: int = 16,
                  max_batched_tokens: int = 256, max_len: int | None = None,
-                 prefix_sharing: bool = True, cache_dtype=None, decode_steps: int = 4):
+                 prefix_sharing: bool = True, cache_dtype=None, decode_steps: int = 4,
+                 keep_quantized: bool | None = None):
         cfg = self.cfg = lm.cfg
         if getattr(lm, "prefix", None) is not None:
             raise ValueError("the paged scheduler serves LoRA and bottleneck adapters, not "
@@ -118,13 +121,13 @@ class Scheduler:
         self.page_size, self.max_seqs = page_size, max_seqs
         self.max_batched_tokens = max_batched_tokens
         self.pages_per_seq = -(-self.max_len // page_size)
-        dtype = jnp.dtype(cache_dtype or cfg.dtype)
+        dtype = cache_dtype_of(cfg, cache_dtype)
         if kv_memory is not None and n_pages is not None:
             raise ValueError("give kv_memory or n_pages, not both")
         if kv_memory is not None:
             n_pages = pages_for(cfg, kv_memory, page_size, dtype.name)
         self.pool = PagePool(n_pages or max_seqs * self.pages_per_seq, page_size)
-        self.graphs, self.weights = split_model(lm)
+        self.graphs, self.weights = split_model(lm, None, keep_quantized)
         if not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {decode_steps!r}")
         self.decode_steps = decode_steps

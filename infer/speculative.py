@@ -44,8 +44,8 @@ from jaxlm.ops.sampling import Sampling, greedy, probabilities, sample
 from jaxlm.ops.speculative import accept, ngram_propose
 
 from .cache import DecodeCache, round_up
-from .forward import (LayerGraphs, LayerWeights, forward, hidden, outer_model, replicated,
-                      split_model)
+from .forward import (LayerGraphs, LayerWeights, forward, hidden, loop_weights, outer_model,
+                      replicated, split_model)
 
 PAD = -1
 SOURCES = ("draft", "lookup", "medusa", "mtp")
@@ -234,16 +234,18 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
         else:  # greedy: no key to split (threefry is many ops per round on CPU)
             key, k_draft, k_accept = st.key, None, None
         start, live = cache.lengths, ~st.done
-        lm = outer_model(graphs, weights)
+        weights_ = loop_weights(graphs, weights, st.rounds)
+        lm = outer_model(graphs, weights_)
         aux, q, history = st.aux, None, st.history
         if source == "draft":
-            drafts, q, aux = _draft_propose(dgraphs, dweights, aux, st.last, k_draft,
-                                            sampling, g)
+            drafts, q, aux = _draft_propose(dgraphs, loop_weights(dgraphs, dweights,
+                                                                  st.rounds),
+                                            aux, st.last, k_draft, sampling, g)
         elif source == "lookup":
             drafts, _ = ngram_propose(history, start + 1, ngram, g)
         else:
             drafts = st.drafts
-        h, cache = hidden(graphs, weights, jnp.concatenate([st.last[:, None], drafts], 1),
+        h, cache = hidden(graphs, weights_, jnp.concatenate([st.last[:, None], drafts], 1),
                           cache)
         n, nxt = accept(k_accept, drafts, lm.project(h), sampling, q)
         emitted = jnp.where(cols < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
@@ -290,7 +292,8 @@ class SpecDecoder:
         self.engine, self.spec = engine, spec
         self.dgraphs = self.dweights = None
         if spec.source == "draft":
-            self.dgraphs, self.dweights = split_model(spec.draft)
+            self.dgraphs, self.dweights = split_model(spec.draft, None,
+                                                      engine.graphs.keep_quantized or None)
         self.stats = None
 
     def _aux_cache(self, batch: int, slots: int):

@@ -29,7 +29,7 @@ import numpy as np
 from jaxlm.model.cache import PageIndex, PagedRows
 from jaxlm.ops.sampling import sample_rows
 
-from .forward import outer_model, paged_hidden
+from .forward import loop_weights, outer_model, paged_hidden
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
@@ -128,8 +128,9 @@ def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
         slots = jnp.where(live & (pos < x.limits), page * z + pos % z, -1)
         lengths = jnp.where(live, jnp.minimum(pos + 1, x.limits), 0)
         index = PageIndex(slots, (PagedRows(x.tables, lengths, 1),))
-        h, pools = paged_hidden(graphs, weights, tokens[None], pos[None], pools, index)
-        new = x.sampling.sample(outer_model(graphs, weights).project(h)[0], i)
+        w = loop_weights(graphs, weights, i)
+        h, pools = paged_hidden(graphs, w, tokens[None], pos[None], pools, index)
+        new = x.sampling.sample(outer_model(graphs, w).project(h)[0], i)
         return new, pools, out.at[i].set(new)
 
     out = jnp.zeros((steps, x.tokens.shape[0]), jnp.int32)

@@ -6,7 +6,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import heads_to_layout, slot_axis, write_layer
+from .cache import heads_to_layout, is_int8, quantized_news, slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -56,27 +56,35 @@ class Attention(nnx.Module):
                                 **common)
         else:
             axis = slot_axis(cfg)
-            k_buf = write_layer(kv[0], heads_to_layout(k, axis), starts, axis)
-            v_buf = write_layer(kv[1], heads_to_layout(v, axis), starts, axis)
-            b, s = k_buf.shape[0], k_buf.shape[axis]
+            news = quantized_news(kv, (heads_to_layout(k, axis), heads_to_layout(v, axis)))
+            kv = tuple(write_layer(buf, new, starts, axis) for buf, new in zip(kv, news))
+            b, s = kv[0].shape[0], kv[0].shape[axis]
             slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             # For HEADS_FIRST this transpose folds into XLA attention's matmul (no copy).
-            out = ops.attention(q, heads_to_layout(k_buf, axis).astype(q.dtype),
-                                heads_to_layout(v_buf, axis).astype(q.dtype),
-                                q_positions=positions, kv_positions=slots,
-                                kv_lengths=starts + x.shape[1], **common)
-            kv = (k_buf, v_buf)
+            k_buf, v_buf = (heads_to_layout(buf, axis) for buf in kv[:2])
+            scales = {}
+            if is_int8(kv):  # int8 keys/values read as they are, their scales [b,s,k]
+                scales = dict(k_scale=heads_to_layout(kv[2], axis)[..., 0],
+                              v_scale=heads_to_layout(kv[3], axis)[..., 0])
+            else:
+                k_buf, v_buf = k_buf.astype(q.dtype), v_buf.astype(q.dtype)
+            out = ops.attention(q, k_buf, v_buf, q_positions=positions, kv_positions=slots,
+                                kv_lengths=starts + x.shape[1], **scales, **common)
         return self.o_proj(out, peft), kv
 
     def _paged(self, q, k, v, positions, kv, pages, common):
         """Write the step's K/V into their pages, then attend segment by segment."""
-        k_pages = ops.paged_write(kv[0], k[0], pages.slots)
-        v_pages = ops.paged_write(kv[1], v[0], pages.slots)
-        out = pages.attend(q, positions, k_pages, v_pages,
+        news = quantized_news(kv, (k[0], v[0]))
+        kv = tuple(ops.paged_write(pool, new, pages.slots) for pool, new in zip(kv, news))
+        scales = {}
+        if is_int8(kv):
+            scales = dict(k_scales=kv[2][..., 0], v_scales=kv[3][..., 0])
+        out = pages.attend(q, positions, kv[0], kv[1],
                            attention_impl=self.cfg.attention_impl,
                            sliding_window=common["sliding_window"], scale=common["scale"],
-                           softcap=common["softcap"], alibi_slopes=common["alibi_slopes"])
-        return out, (k_pages, v_pages)
+                           softcap=common["softcap"], alibi_slopes=common["alibi_slopes"],
+                           **scales)
+        return out, kv
 
     def _with_prefix(self, q, k, v, positions, segment_ids, prefix, common):
         """Attention over [prefix ⊕ new] keys: the prefix at positions 0..P-1 with segment

@@ -45,27 +45,36 @@ def heads_to_layout(a, axis: int):
     return a.transpose(0, 2, 1, 3) if axis == HEADS_FIRST else a
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["k", "v", "lengths"],
-         meta_fields=["slot_axis"])
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["k", "v", "lengths", "k_scale", "v_scale"], meta_fields=["slot_axis"])
 @dataclasses.dataclass
 class KVCache:
     k: jax.Array
     v: jax.Array
     lengths: jax.Array
     slot_axis: int = HEADS_FIRST   # [l,b,k,S,d]; SLOTS_FIRST: [l,b,S,k,d]
+    # An int8 cache (dtype="int8"): k and v are int8 with one scale per (token, kv head),
+    # [l,b,k,S,1] (the trailing 1 keeps every buffer's slot axis the same).
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "KVCache":
-        """Preallocate a zero cache for `batch` rows of up to `max_len` positions."""
+        """Preallocate a zero cache for `batch` rows of up to `max_len` positions;
+        dtype="int8" stores quantized keys and values with scales in the compute dtype."""
         if batch < 1 or max_len < 1:
             raise ValueError(f"KVCache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        dtype = cache_dtype(cfg, dtype)
         axis = slot_axis(cfg)
         heads = ((cfg.num_kv_heads, max_len) if axis == HEADS_FIRST
                  else (max_len, cfg.num_kv_heads))
         shape = (cfg.n_layers, batch, *heads, cfg.dim_per_head)
+        scales = {}
+        if dtype == jnp.int8:
+            scales = {name: jnp.zeros((*shape[:-1], 1), jnp.dtype(cfg.dtype))
+                      for name in ("k_scale", "v_scale")}
         return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32), slot_axis=axis)
+                   lengths=jnp.zeros((batch,), jnp.int32), slot_axis=axis, **scales)
 
     @property
     def batch(self) -> int:
@@ -77,43 +86,88 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(b.nbytes for b in self.buffers)
 
     @property
     def buffers(self):
-        return (self.k, self.v)
+        """(k, v), or (k, v, k_scale, v_scale) for an int8 cache."""
+        return (self.k, self.v) if self.k_scale is None else (self.k, self.v, self.k_scale,
+                                                              self.v_scale)
 
     def with_buffers(self, buffers, lengths) -> "KVCache":
-        return KVCache(k=buffers[0], v=buffers[1], lengths=lengths, slot_axis=self.slot_axis)
+        return KVCache(*buffers[:2], lengths=lengths, slot_axis=self.slot_axis,
+                       k_scale=buffers[2] if len(buffers) > 2 else None,
+                       v_scale=buffers[3] if len(buffers) > 2 else None)
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["latent", "k_rope", "lengths"],
-         meta_fields=[])
+@partial(jax.tree_util.register_dataclass,
+         data_fields=["latent", "k_rope", "lengths", "scale"], meta_fields=[])
 @dataclasses.dataclass
 class MLACache:
-    """MLA cache: latent [l,b,S,r] and the shared RoPE key [l,b,S,dr] per token."""
+    """MLA cache: latent [l,b,S,r] and the shared RoPE key [l,b,S,dr] per token. int8:
+    both int8 with one scale per token over [latent ⊕ k_rope], scale [l,b,S,1] (as the
+    paged pool quantizes the same vector, so the two caches agree)."""
     latent: jax.Array
     k_rope: jax.Array
     lengths: jax.Array
+    scale: jax.Array | None = None
 
     @classmethod
     def create(cls, cfg: Config, batch: int, max_len: int, dtype=None) -> "MLACache":
         if batch < 1 or max_len < 1:
             raise ValueError(f"MLACache needs batch >= 1 and max_len >= 1, got {batch}, {max_len}")
-        dtype = jnp.dtype(dtype or cfg.dtype)
+        dtype = cache_dtype(cfg, dtype)
         lead = (cfg.n_layers, batch, max_len)
+        scale = (jnp.zeros((*lead, 1), jnp.dtype(cfg.dtype)) if dtype == jnp.int8 else None)
         return cls(latent=jnp.zeros((*lead, cfg.kv_lora_rank), dtype),
                    k_rope=jnp.zeros((*lead, cfg.qk_rope_head_dim), dtype),
-                   lengths=jnp.zeros((batch,), jnp.int32))
+                   lengths=jnp.zeros((batch,), jnp.int32), scale=scale)
 
     batch = property(lambda self: self.latent.shape[1])
     slot_axis = HEADS_FIRST
     max_len = property(lambda self: self.latent.shape[-2])
-    nbytes = property(lambda self: self.latent.nbytes + self.k_rope.nbytes)
-    buffers = property(lambda self: (self.latent, self.k_rope))
+    nbytes = property(lambda self: sum(b.nbytes for b in self.buffers))
+
+    @property
+    def buffers(self):
+        return ((self.latent, self.k_rope) if self.scale is None
+                else (self.latent, self.k_rope, self.scale))
 
     def with_buffers(self, buffers, lengths) -> "MLACache":
-        return MLACache(latent=buffers[0], k_rope=buffers[1], lengths=lengths)
+        return MLACache(latent=buffers[0], k_rope=buffers[1], lengths=lengths,
+                        scale=buffers[2] if len(buffers) > 2 else None)
+
+
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+def cache_dtype(cfg: Config, dtype=None):
+    """The cache's storage dtype (default: the compute dtype), checked."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    if dtype.name not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {dtype.name!r} is not one of {CACHE_DTYPES}")
+    return dtype
+
+
+def is_int8(buffers) -> bool:
+    """Whether one layer's cache buffers (or page pools) are an int8 cache's."""
+    return buffers[0].dtype == jnp.int8
+
+
+def quantized_news(buffers, news):
+    """What to write into a layer's buffers for new float entries `news` (one per value
+    buffer, in the buffers' layout): news as they are for a float cache; for an int8 cache,
+    the int8 values then their scales (ops.quant.quantize_kv), one scale per vector, and for
+    MLA's three buffers (latent, k_rope, scale) one scale over the joined vector."""
+    if not is_int8(buffers):
+        return tuple(news)
+    scale_dtype = buffers[-1].dtype
+    if len(buffers) == 3:   # MLA: latent and k_rope share a scale
+        r = news[0].shape[-1]
+        q, scale = ops.quantize_kv(jnp.concatenate(news, -1), scale_dtype)
+        return q[..., :r], q[..., r:], scale
+    pairs = [ops.quantize_kv(x, scale_dtype) for x in news]
+    return tuple(q for q, _ in pairs) + tuple(s for _, s in pairs)
 
 
 def create_cache(cfg: Config, batch: int, max_len: int, dtype=None):
@@ -182,10 +236,15 @@ class PageIndex:
 def paged_buffers(cfg: Config, n_pages: int, page_size: int, dtype=None) -> tuple:
     """One layer's page pools: (k [P,z,k,d], v [P,z,k,dv]); MLA: ([P,z,1,r+dr],), the
     latent and the shared RoPE key side by side, attended as one kv head (absorbed form),
-    values being its first r columns."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
+    values being its first r columns. int8: the pools are int8, followed by their scale
+    pools [P,z,k,1] (one per pool) in the compute dtype."""
+    dtype = cache_dtype(cfg, dtype)
     if cfg.attention == "mla":
-        return (jnp.zeros((n_pages, page_size, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
-                          dtype),)
-    shape = (n_pages, page_size, cfg.num_kv_heads, cfg.dim_per_head)
-    return (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        shape = (n_pages, page_size, 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+        pools = (jnp.zeros(shape, dtype),)
+    else:
+        shape = (n_pages, page_size, cfg.num_kv_heads, cfg.dim_per_head)
+        pools = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    if dtype == jnp.int8:
+        pools += tuple(jnp.zeros((*shape[:-1], 1), jnp.dtype(cfg.dtype)) for _ in pools)
+    return pools

@@ -93,6 +93,9 @@ class Config:
     # Extra prediction heads (speculative decoding's self-drafting) ------------------
     mtp_depth: int = 0                     # DeepSeek-V3 multi-token prediction modules (D)
     medusa_heads: int = 0                  # Medusa heads on the final hidden state (K)
+    # Weight-only quantization (jaxlm.model.quant) --------------------------------------
+    weight_quant: str | None = None        # None (float), "int8" (per channel), "int4" (groups)
+    quant_group: int = 64                  # int4: contraction rows sharing one scale
 
     def __post_init__(self):
         def bad(field, why):
@@ -119,6 +122,10 @@ class Config:
         for f, allowed in choices.items():
             if getattr(self, f) not in allowed:
                 bad(f, f"{getattr(self, f)!r} is not one of {allowed}")
+        if self.weight_quant not in (None, "int8", "int4"):
+            bad("weight_quant", f"{self.weight_quant!r} is not one of None, 'int8', 'int4'")
+        if not isinstance(self.quant_group, int) or self.quant_group < 2 or self.quant_group % 2:
+            bad("quant_group", f"must be an even int >= 2, got {self.quant_group!r}")
         if not 0 < self.rotary_fraction <= 1:
             bad("rotary_fraction", f"must be in (0, 1], got {self.rotary_fraction}")
         if self.position == "rope" and self.rotary_dim % 2:

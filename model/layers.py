@@ -60,9 +60,12 @@ class Dense(nnx.Module):
     def __call__(self, x, peft=None):
         """peft: jaxlm.model.peft.PeftInputs for an attached LoRA (dropout key, row ids)."""
         n = self.in_rank
-        w = self.kernel[...].astype(self.dtype)
         x = x.astype(self.dtype)
-        y = jnp.tensordot(x, w, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
+        if hasattr(self.kernel, "matmul"):  # a jaxlm.model.quant.QuantizedParam
+            y = self.kernel.matmul(x)
+        else:
+            w = self.kernel[...].astype(self.dtype)
+            y = jnp.tensordot(x, w, axes=(tuple(range(x.ndim - n, x.ndim)), tuple(range(n))))
         if self.lora is not None:
             y = y + self.lora(x, peft)
         if self.bias is not None:

@@ -31,15 +31,29 @@ def _numbers_per_token_layer(cfg: Config, layout: str) -> int:
     return heads * (k_dim + v_dim)
 
 
+def _scales_per_token_layer(cfg: Config, layout: str) -> int:
+    """An int8 cache's scales: one per (token, kv head) for K and for V; MLA one per token
+    (latent and RoPE key share it)."""
+    if layout == "mla":
+        return 1
+    return 2 * {"mha": cfg.n_heads, "gqa": cfg.num_kv_heads, "mqa": 1}[layout]
+
+
 def kv_bytes_per_token(cfg: Config, layout: str | None = None, dtype: str | None = None) -> int:
     """Cache bytes per token over all layers. layout: None (as configured), 'mha',
-    'gqa', 'mqa' or 'mla'; dtype defaults to the config's compute dtype."""
+    'gqa', 'mqa' or 'mla'; dtype defaults to the config's compute dtype. dtype 'int8'
+    counts the int8 values and their scales (in the compute dtype), as model.cache
+    stores them."""
     if layout is None:
         layout = "mla" if cfg.attention == "mla" else "gqa"
     if layout not in ("mha", "gqa", "mqa", "mla"):
         raise ValueError(f"layout={layout!r}; choose mha, gqa, mqa or mla")
     itemsize = np.dtype(_np_dtype(dtype or cfg.dtype)).itemsize
-    return cfg.n_layers * _numbers_per_token_layer(cfg, layout) * itemsize
+    per_layer = _numbers_per_token_layer(cfg, layout) * itemsize
+    if _np_dtype(dtype or cfg.dtype) == np.int8:
+        per_layer += (_scales_per_token_layer(cfg, layout)
+                      * np.dtype(_np_dtype(cfg.dtype)).itemsize)
+    return cfg.n_layers * per_layer
 
 
 def pages_for(cfg: Config, kv_memory: int, page_size: int, dtype: str | None = None) -> int:
@@ -69,8 +83,13 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
+CACHE_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
 def _np_dtype(name: str):
     import jax.numpy as jnp  # bfloat16 is known to numpy through ml_dtypes via jax
+    if str(name) not in CACHE_DTYPES:
+        raise ValueError(f"cache dtype {name!r} is not one of {CACHE_DTYPES}")
     return jnp.dtype(name)
 
 
@@ -106,6 +125,8 @@ def format_table(name: str, cfg: Config, context: int, dtype: str | None = None)
         mark = " (as configured)" if row["configured"] else ""
         lines.append(f"{row['layout']:<8} {_human(row['bytes_per_token']):>12} "
                      f"{_human(row['bytes_for_context']):>16}{mark}")
+    lines.append("bytes per token of the configured layout by cache dtype: " + ", ".join(
+        f"{d} {kv_bytes_per_token(cfg, dtype=d)}" for d in CACHE_DTYPES))
     return "\n".join(lines)
 
 
@@ -116,7 +137,8 @@ def main(argv=None) -> int:
     src.add_argument("--preset", help=f"one of {sorted(PRESETS)}")
     src.add_argument("--hf-config", help="a Hugging Face config.json")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence")
-    p.add_argument("--dtype", default=None, help="cache dtype (default: the model's)")
+    p.add_argument("--dtype", default=None, choices=CACHE_DTYPES,
+                   help="cache dtype (default: the model's); int8 counts its scales too")
     p.add_argument("--kv-memory", help="a paged cache budget, e.g. 2GiB: prints the pages "
                    "and tokens it holds")
     p.add_argument("--page-size", type=int, default=16, help="tokens per page (default 16)")

@@ -18,7 +18,7 @@ from flax import nnx
 
 from jaxlm import ops
 
-from .cache import write_layer
+from .cache import is_int8, quantized_news, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
 
@@ -75,17 +75,23 @@ class MLAttention(nnx.Module):
                          scale=cfg.softmax_scale, softcap=cfg.attn_softcap,
                          implementation=cfg.attention_impl)
         if pages is not None:
-            return self._paged(x, q_nope, q_rope, latent, k_rope, positions, kv[0], pages,
+            return self._paged(x, q_nope, q_rope, latent, k_rope, positions, kv, pages,
                                mask_args, peft)
+        scales = {}   # an int8 cache's scale [b,S,1 kv head], shared by keys and values
         if kv is None:
             mask_args.update(q_positions=positions, kv_positions=positions,
                              q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
         else:
-            latent_buf = write_layer(kv[0], latent, starts)
-            rope_buf = write_layer(kv[1], k_rope, starts)
-            kv = (latent_buf, rope_buf)
-            b, s = latent_buf.shape[:2]
-            latent, k_rope = latent_buf.astype(x.dtype), rope_buf.astype(x.dtype)
+            news = quantized_news(kv, (latent, k_rope))
+            kv = tuple(write_layer(buf, new, starts) for buf, new in zip(kv, news))
+            b, s = kv[0].shape[:2]
+            if not is_int8(kv):
+                latent, k_rope = kv[0].astype(x.dtype), kv[1].astype(x.dtype)
+            elif cfg.mla_absorb:  # int8 latent and key read as they are
+                latent, k_rope = kv[:2]
+                scales = dict(k_scale=kv[2], v_scale=kv[2])
+            else:  # the naive form builds per-head keys from the latent: dequantize it
+                latent, k_rope = (ops.dequantize_kv(buf, kv[2], x.dtype) for buf in kv[:2])
             mask_args.update(q_positions=positions,
                              kv_positions=jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s)),
                              kv_lengths=starts + x.shape[1])
@@ -96,7 +102,7 @@ class MLAttention(nnx.Module):
             q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
             q_cat = jnp.concatenate([q_lat, q_rope], axis=-1)  # [b,t,h,r+dr]
             k_cat = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]
-            o_lat = ops.attention(q_cat, k_cat, latent[:, :, None, :], **mask_args)
+            o_lat = ops.attention(q_cat, k_cat, latent[:, :, None, :], **scales, **mask_args)
             out = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
         else:
             k_nope = jnp.einsum("bsr,rhn->bshn", latent, w_uk)
@@ -107,20 +113,21 @@ class MLAttention(nnx.Module):
             out = ops.attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, **mask_args)
         return self.o_proj(out, peft), kv
 
-    def _paged(self, x, q_nope, q_rope, latent, k_rope, positions, pool, pages, mask_args,
+    def _paged(self, x, q_nope, q_rope, latent, k_rope, positions, pools, pages, mask_args,
                peft):
         """The absorbed form over a paged [latent ⊕ k_rope] pool (one shared kv head whose
         values are the latent): the only form that never materialises per-head keys for
         every page, so paged MLA uses it whatever mla_absorb says (the two are equal)."""
         dn, r = self.cfg.qk_nope_head_dim, self.cfg.kv_lora_rank
-        pool = ops.paged_write(pool, jnp.concatenate([latent, k_rope], -1)[0, :, None],
-                               pages.slots)
+        news = quantized_news(pools, (jnp.concatenate([latent, k_rope], -1)[0, :, None],))
+        pools = tuple(ops.paged_write(p, new, pages.slots) for p, new in zip(pools, news))
+        scales = dict(k_scales=pools[1][..., 0]) if is_int8(pools) else {}
         w_kv = self.kv_b.weight(x.dtype)
         w_uk, w_uv = w_kv[..., :dn], w_kv[..., dn:]
         q_cat = jnp.concatenate([jnp.einsum("bthn,rhn->bthr", q_nope, w_uk), q_rope], -1)
-        o_lat = pages.attend(q_cat, positions, pool, None, v_dim=r,
+        o_lat = pages.attend(q_cat, positions, pools[0], None, v_dim=r,
                              attention_impl=self.cfg.attention_impl,
                              sliding_window=mask_args["sliding_window"],
-                             scale=mask_args["scale"], softcap=mask_args["softcap"])
+                             scale=mask_args["scale"], softcap=mask_args["softcap"], **scales)
         out = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
-        return self.o_proj(out, peft), (pool,)
+        return self.o_proj(out, peft), pools

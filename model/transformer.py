@@ -17,13 +17,15 @@ from flax import nnx
 from jaxlm import ops
 
 from .attention import Attention
-from .cache import KVCache, MLACache, create_cache, heads_to_layout, slot_axis, write_layer
+from .cache import (KVCache, MLACache, create_cache, heads_to_layout, is_int8, quantized_news,
+                    slot_axis, write_layer)
 from .config import Config, LayerKind
 from .heads import MedusaHead, MTPModule
 from .layers import MLP, Dense, Embed, Norm, make_param
 from .mla import MLAttention
 from .moe import MoE
 from .peft import PeftInputs
+from .quant import quantize_in_place
 
 
 class Output(NamedTuple):
@@ -158,6 +160,8 @@ class CausalLM(nnx.Module):
                        if cfg.medusa_heads else nnx.data(None))
         self.prefix = nnx.data(None)  # prefix tuning's virtual tokens (jaxlm.model.peft.Prefix)
         self.peft_spec = None   # the spec of the attached adapter, if any
+        if cfg.weight_quant is not None:  # built quantized (jaxlm.model.quant)
+            quantize_in_place(self, cfg.weight_quant, cfg.quant_group)
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None):
         """A KVCache (or MLACache) for `batch` rows of up to max_len positions: empty, or
@@ -165,7 +169,8 @@ class CausalLM(nnx.Module):
         cache = create_cache(self.cfg, batch, max_len or self.cfg.max_position, dtype)
         if self.prefix is None or not self.prefix.enabled:
             return cache
-        kv = self.prefix.kv(cache.k.dtype)                        # [l,2,P,kh,hd]
+        int8 = is_int8(cache.buffers)
+        kv = self.prefix.kv(jnp.float32 if int8 else cache.k.dtype)  # [l,2,P,kh,hd]
         p = kv.shape[2]
         if p >= cache.max_len:
             raise ValueError(f"the cache ({cache.max_len} slots) must hold the prefix's "
@@ -174,9 +179,12 @@ class CausalLM(nnx.Module):
         rows = lambda a: jnp.broadcast_to(heads_to_layout(a[None], axis),  # noqa: E731
                                           (batch, *heads_to_layout(a[None], axis).shape[1:]))
         zeros = jnp.zeros((batch,), jnp.int32)
-        k = jax.vmap(lambda buf, a: write_layer(buf, rows(a), zeros, axis))(cache.k, kv[:, 0])
-        v = jax.vmap(lambda buf, a: write_layer(buf, rows(a), zeros, axis))(cache.v, kv[:, 1])
-        return cache.with_buffers((k, v), jnp.full((batch,), p, jnp.int32))
+
+        def write(bufs, layer_kv):   # one layer: the prefix's K and V into slots 0..P-1
+            news = quantized_news(bufs, (rows(layer_kv[0]), rows(layer_kv[1])))
+            return tuple(write_layer(b, n, zeros, axis) for b, n in zip(bufs, news))
+        buffers = jax.vmap(write)(cache.buffers, kv)
+        return cache.with_buffers(buffers, jnp.full((batch,), p, jnp.int32))
 
     # The pieces of the forward pass --------------------------------------------------
     def embed_inputs(self, tokens, positions):

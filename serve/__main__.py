@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT adapter directory (LoRA: merged)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's)")
+    from jaxlm.infer.cli import add_quant_args
+    add_quant_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--model-name", help="the model id clients send (default: the "
@@ -80,8 +82,9 @@ def check_args(args) -> None:
     if args.kv_memory is not None:
         from jaxlm.model.memory import parse_bytes
         args.kv_memory = parse_bytes(args.kv_memory)
-    from jaxlm.infer.cli import check_source
+    from jaxlm.infer.cli import check_quant_args, check_source
     check_source(args)
+    check_quant_args(args)
     if args.adapter:
         from jaxlm.model.io.peft import read_peft_config
         read_peft_config(args.adapter)
@@ -100,6 +103,9 @@ def load(args):
         lm = load_peft(lm, args.adapter)
     if peft.loras(lm):  # --adapter's, or a PEFT run's own: folded in, decode at base cost
         lm = peft.merge(lm)
+    if args.quantize:   # the merged weights are the ones quantized
+        from jaxlm.model.quant import quantize
+        lm = quantize(lm, args.quantize, args.quant_group)
     return lm, tokenizer, stops
 
 
@@ -112,7 +118,7 @@ def build_app(args):
     sched = Scheduler(lm, tokenizer=tokenizer, page_size=args.page_size,
                       kv_memory=args.kv_memory, max_seqs=args.max_seqs,
                       max_batched_tokens=args.max_batched_tokens, max_len=args.max_len,
-                      decode_steps=args.decode_steps)
+                      decode_steps=args.decode_steps, cache_dtype=args.cache_dtype)
     print(f"KV cache: {sched.pool.n_pages} pages of {sched.page_size} tokens = "
           f"{sched.capacity_tokens} tokens", file=sys.stderr, flush=True)
     if not args.no_warmup:

@@ -329,6 +329,11 @@ def parse_overrides(argv: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def model_config(tcfg: TrainConfig, model_overrides: dict[str, Any]) -> Config:
+    if model_overrides.get("weight_quant") is not None:
+        raise ValueError("--model.weight_quant: quantized weights are for inference; train "
+                         "in float, then quantize (python -m jaxlm.infer --checkpoint RUN "
+                         "--quantize int8 --save-quantized DIR), or fine-tune a quantized "
+                         "base with --init DIR --peft SPEC")
     return with_head_fields(tcfg, PRESETS[tcfg.preset].replace(**model_overrides))
 
 

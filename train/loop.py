@@ -264,6 +264,10 @@ def _base(tcfg: TrainConfig, cfg: Config | None, resume_step, mesh, dtype=None):
         lm, ref = load_base(ref["path"], cfg.dtype, ref.get("step"), mesh, expect=ref["sha256"])
     else:
         lm, ref = load_base(tcfg.init, dtype, None, mesh)
+    if lm.cfg.weight_quant is not None and not tcfg.peft:
+        raise ValueError(f"the base {tcfg.init!r} has {lm.cfg.weight_quant} weights, which "
+                         f"only an adapter can train (QLoRA): add --peft SPEC, or start "
+                         f"from the float model")
     extra = {"base": ref}
     if tcfg.peft:
         extra["peft"] = peft.spec_to_dict(tcfg.peft_spec())

@@ -299,9 +299,11 @@ def moe_metrics(load, rest) -> dict:
     if load is not None:
         out[LOAD] = load
         out["load_imbalance"] = jnp.max(load) / jnp.mean(load)  # each row sums to 1
-    if jax.tree.leaves(rest):
-        out["router_bias_max"] = jnp.max(jnp.stack([jnp.max(jnp.abs(b))
-                                                    for b in jax.tree.leaves(rest)]))
+    # rest also holds a quantized base's integer weights (QLoRA): read the biases only
+    biases = [b for path, b in jax.tree_util.tree_flatten_with_path(rest)[0]
+              if "router_bias" in jax.tree_util.keystr(path)]
+    if biases:
+        out["router_bias_max"] = jnp.max(jnp.stack([jnp.max(jnp.abs(b)) for b in biases]))
     return out
 
 

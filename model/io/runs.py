@@ -59,6 +59,38 @@ def params_of(lm: nnx.Module):
     return nnx.state(lm, nnx.Param).to_pure_dict()
 
 
+def save_model(lm, run_dir: str, tokenizer=None, **extra) -> None:
+    """Save lm (float or quantized, no adapter) as a run directory that load_run, the
+    engine's and server's `--checkpoint`, and `--init` read: run.json with the Config
+    (a quantized model's says how, so it is rebuilt quantized and loaded as stored, never
+    re-quantized) and one orbax checkpoint (step 0) of its parameters and its other
+    variables (the quantized weights' values and scales, router biases). tokenizer: None
+    (bytes), or a tokenizer.json path, copied beside."""
+    import shutil
+    from ..peft import adapters_of
+    if adapters_of(lm):
+        raise ValueError("save_model saves a base model; save the adapter with save_peft "
+                         "(or merge it into a float model first)")
+    if os.path.exists(os.path.join(run_dir, RUN_FILE)) or os.path.isdir(
+            os.path.join(run_dir, CHECKPOINTS)):
+        raise ValueError(f"{run_dir!r} already holds a run; pick a new directory")
+    os.makedirs(run_dir, exist_ok=True)
+    spec = "byte"
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, os.path.join(run_dir, "tokenizer.json"))
+        spec = "tokenizer.json"
+    _, params, rest = nnx.split(lm, nnx.Param, ...)
+    items = {PARAMS_ITEM: params.to_pure_dict()}
+    if jax.tree.leaves(rest):
+        items[NON_PARAMS_ITEM] = rest.to_pure_dict()
+    mngr = checkpoint_manager(run_dir, item_names=tuple(items))
+    mngr.save(0, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v)
+                                            for k, v in items.items()}))
+    mngr.wait_until_finished()
+    mngr.close()
+    write_run_file(run_dir, lm.cfg, spec, **extra)   # last: a run.json means a whole run
+
+
 def load_run(run_dir: str, step: int | None = None, dtype: str | None = None, mesh=None):
     """(CausalLM, tokenizer, step) from a trainer run directory; latest step by default.
     With a mesh, orbax restores every variable directly into its shards. A run saved
