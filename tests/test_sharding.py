@@ -76,8 +76,9 @@ def _run_script(*args, timeout=300):
 
 def _assert_equal_to_one_device(report, expert_parallel: bool):
     for spec, r in report.items():
-        for key in ("loss", "grad_norm", "params", "rest", "logits"):
+        for key in ("loss", "grad_norm", "params", "rest", "logits", "quant_logits"):
             assert r[key] <= 1e-5, (spec, key, r[key])
+        assert r["quant_tokens_equal"], spec  # int8/int4 weights and an int8 cache
         assert r["bias_moved"] == expert_parallel, spec  # the MoE config's router biases
         assert r["tokens_equal"], spec
         assert not r["misplaced"], (spec, r["misplaced"])

@@ -21,6 +21,7 @@ from jaxlm.model import Config  # noqa: E402
 from jaxlm.model.sharding import logical_to_spec, make_mesh  # noqa: E402
 from jaxlm.train.config import TrainConfig  # noqa: E402
 from jaxlm.model.build import SplitModel, abstract_model  # noqa: E402
+from jaxlm.model.quant import quantize  # noqa: E402
 from jaxlm.train.step import init_state, make_optimizer, make_train_step  # noqa: E402
 
 KIND = sys.argv[1]
@@ -90,12 +91,24 @@ def main():
     _, ref, ref_m, _ = train_side(None)
     lm = SplitModel.create(CFG, 0).merge(ref.params)
     want, want_logits = Engine(lm).generate(PROMPTS, max_new_tokens=8, record_logits=True)
+    # Quantized weights (int8; the dense model int4 too, groups of 16) with an int8 cache
+    quantized = {mode: quantize(lm, mode, 16)
+                 for mode in (("int8", "int4") if KIND == "dense" else ("int8",))}
+    q_want = {mode: Engine(q, cache_dtype="int8").generate(PROMPTS, max_new_tokens=8,
+                                                           record_logits=True)
+              for mode, q in quantized.items()}
     report = {}
     for spec in MESHES:
         mesh = make_mesh(spec)
         model, new, m, lowered = train_side(mesh)
         engine = Engine(lm, mesh=mesh)
         got, logits = engine.generate(PROMPTS, max_new_tokens=8, record_logits=True)
+        q_equal, q_logits = True, 0.0
+        for mode, q in quantized.items():
+            q_got, q_lg = Engine(q, mesh=mesh, cache_dtype="int8").generate(
+                PROMPTS, max_new_tokens=8, record_logits=True)
+            q_equal &= q_got == q_want[mode][0]
+            q_logits = max(q_logits, float(np.abs(q_lg - q_want[mode][1]).max()))
         cache = engine.new_cache(8, 16)
         k_buf = cache.layers[0][0]
         report[spec] = {
@@ -106,6 +119,8 @@ def main():
             "bias_moved": bool(any(np.any(np.asarray(b)) for b in jax.tree.leaves(new.rest))),
             "tokens_equal": got == want,
             "logits": float(np.abs(logits - want_logits).max()),
+            "quant_tokens_equal": q_equal,
+            "quant_logits": q_logits,
             "misplaced": misplaced(model, new, mesh),
             "cache_spec": [str(a) for a in k_buf.sharding.spec],
             "cache_expected": [str(a) for a in
