@@ -4,6 +4,7 @@
 scheduler and stays close to the float cache; several LoRA adapters and speculative
 decoding run over quantized weights; a quantized model saves and loads without being
 quantized again; the memory planner counts the scales; bad settings fail in one line."""
+import json
 import os
 
 import jax
@@ -318,3 +319,32 @@ def test_keep_quantized_dequantizes_inside_every_decode_step():
             assert "s8[" in head
     assert out[True] == out[False]
     assert Engine(LMS["dense"], keep_quantized=True).graphs.keep_quantized is False  # float
+
+
+def test_qlora_cli_trains_an_adapter_over_a_quantized_base(tmp_path, capsys):
+    """--init QUANTIZED_RUN --peft lora: the adapter learns while the int4 base stays as
+    stored (read back with the run); a full fine-tune of a quantized base is refused."""
+    from jaxlm.train.cli import main as train_main
+    cfg = Config(**{**BASE, "vocab_size": 256})
+    base = str(tmp_path / "q4")
+    save_model(Q.quantize(tiny_lm(cfg, 7), "int4", GROUP), base)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("abcdefghij" * 400)
+    common = ["--init", base, "--corpus", str(corpus), "--seq_len", "16", "--batch_size",
+              "4", "--sample_tokens", "0", "--progress", "false", "--plot", "false"]
+    run = str(tmp_path / "qlora")
+    assert train_main(common + ["--peft", "lora:r=4,targets=q_proj,v_proj,down_proj",
+                                "--steps", "12", "--lr", "3e-2", "--eval_every", "12",
+                                "--run_dir", run]) == 0
+    lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert losses[-1] < losses[0] and not any("router_bias_max" in x for x in lines)
+    adapted, _, _ = load_run(run)
+    stored, _, _ = load_run(base)
+    assert adapted.cfg.weight_quant == "int4" and P.loras(adapted)
+    for a, b in zip(jax.tree.leaves(nnx.state(adapted, Q.QWeight)),
+                    jax.tree.leaves(nnx.state(stored, Q.QWeight))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
+    assert train_main(common + ["--steps", "2", "--run_dir", str(tmp_path / "full")]) == 2
+    assert "only an adapter can train" in capsys.readouterr().err
