@@ -321,10 +321,13 @@ def test_keep_quantized_dequantizes_inside_every_decode_step():
     assert Engine(LMS["dense"], keep_quantized=True).graphs.keep_quantized is False  # float
 
 
-def test_qlora_cli_trains_an_adapter_over_a_quantized_base(tmp_path, capsys):
+def test_qlora_cli_trains_an_adapter_over_a_quantized_base(tmp_path, capsys, monkeypatch):
     """--init QUANTIZED_RUN --peft lora: the adapter learns while the int4 base stays as
     stored (read back with the run); a full fine-tune of a quantized base is refused."""
     from jaxlm.train.cli import main as train_main
+    # in-process: leave jax's config alone (a persistent compilation cache written from
+    # the server tests' engine threads later in this process can crash)
+    monkeypatch.setenv("JAXLM_COMPILATION_CACHE", "0")
     cfg = Config(**{**BASE, "vocab_size": 256})
     base = str(tmp_path / "q4")
     save_model(Q.quantize(tiny_lm(cfg, 7), "int4", GROUP), base)
@@ -334,7 +337,7 @@ def test_qlora_cli_trains_an_adapter_over_a_quantized_base(tmp_path, capsys):
               "4", "--sample_tokens", "0", "--progress", "false", "--plot", "false"]
     run = str(tmp_path / "qlora")
     assert train_main(common + ["--peft", "lora:r=4,targets=q_proj,v_proj,down_proj",
-                                "--steps", "12", "--lr", "3e-2", "--eval_every", "12",
+                                "--steps", "6", "--lr", "3e-2", "--eval_every", "6", "--log_every", "1",
                                 "--run_dir", run]) == 0
     lines = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     losses = [x["loss"] for x in lines if "loss" in x]
