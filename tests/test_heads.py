@@ -53,6 +53,14 @@ def _packed(seed=0, b=2, t=20):
             "loss_mask": jnp.asarray(mask)}
 
 
+@pytest.fixture(autouse=True)
+def _leave_jax_config_alone(monkeypatch):
+    """The in-process trainer runs below would turn on JAX's persistent compilation cache
+    for the rest of the pytest process (train.cli.use_compilation_cache); later tests that
+    compile from server threads have crashed writing to it (jax 0.10.2)."""
+    monkeypatch.setenv("JAXLM_COMPILATION_CACHE", "0")
+
+
 def test_mtp_and_medusa_forward_match_the_equations():
     lm = _model()
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, CFG.vocab_size)

@@ -290,7 +290,8 @@ def test_prefix_run_from_an_hf_directory_loads_in_peft(setup):
     assert json.load(open(os.path.join(whole, "run.json")))["base"]["kind"] == "hf"
 
 
-def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(setup, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("JAXLM_COMPILATION_CACHE", "0")   # in-process: leave jax's config
     base, prose, tmp = setup
     mla = _hf_base(tmp, preset("deepseek-v3-small", d_model=32, n_layers=2, n_experts=4,
                                n_experts_per_tok=2, moe_ffn_dim=16, ffn_dim=32,
