@@ -175,6 +175,10 @@ def attention(q, k, v, *, causal: bool = False, sliding_window: int | None = Non
     """
     _check_shapes(q, k, v)
     for name, sc, x in (("k_scale", k_scale, k), ("v_scale", v_scale, v)):
+        if (sc is not None) != (x.dtype == jnp.int8):
+            raise ValueError(f"{name}: int8 keys/values need their scale [b,s,k] and float "
+                             f"ones take none; got {x.dtype} with "
+                             f"{'a' if sc is not None else 'no'} scale")
         if sc is not None and sc.shape != x.shape[:3]:
             raise ValueError(f"{name} {sc.shape} must be [b,s,k] = {x.shape[:3]}")
     if (k_scale is not None or v_scale is not None) and implementation != "xla":

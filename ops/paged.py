@@ -123,11 +123,13 @@ def paged_attention(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, 
     """
     _check(q, k_pages, v_pages, block_tables, q_positions, kv_lengths, v_dim)
     if (k_scales is None) != (k_pages.dtype != jnp.int8) or (
-            v_pages is not None and (v_scales is None) != (k_scales is None)):
+            v_pages is not None and (v_scales is None) != (v_pages.dtype != jnp.int8)) or (
+            v_pages is None and v_scales is not None):
         raise ValueError("int8 pools need their scales (k_scales, and v_scales unless "
                          "v_pages is None) and float pools take none")
-    if k_scales is not None and k_scales.shape != k_pages.shape[:3]:
-        raise ValueError(f"k_scales {k_scales.shape} must be [p,z,k] = {k_pages.shape[:3]}")
+    for name, sc, pool in (("k_scales", k_scales, k_pages), ("v_scales", v_scales, v_pages)):
+        if sc is not None and sc.shape != pool.shape[:3]:
+            raise ValueError(f"{name} {sc.shape} must be [p,z,k] = {pool.shape[:3]}")
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation={implementation!r}; choose one of {IMPLEMENTATIONS}")
     if sliding_window is not None and sliding_window < 1:

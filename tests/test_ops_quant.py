@@ -192,6 +192,8 @@ def test_attention_over_an_int8_cache():
     np.testing.assert_allclose(np.asarray(got), np.asarray(same), atol=1e-5)
     with pytest.raises(ValueError, match=r"k_scale .* must be \[b,s,k\]"):
         ops.attention(jnp.asarray(q), k8, v8, k_scale=ks, v_scale=vs[..., 0])
+    with pytest.raises(ValueError, match="v_scale: int8 keys/values need their scale"):
+        ops.attention(jnp.asarray(q), k8, v8, k_scale=ks[..., 0])
 
 
 @pytest.mark.parametrize("mla", [False, True])
@@ -218,3 +220,6 @@ def test_paged_attention_over_int8_pools(mla):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     with pytest.raises(ValueError, match="int8 pools need their scales"):
         ops.paged_attention(q, k8, None if mla else k8, tables, pos, lengths, **kw)
+    with pytest.raises(ValueError, match="int8 pools need their scales|must be"):
+        ops.paged_attention(q, k8, None if mla else kd, tables, pos, lengths,
+                            k_scales=ks[..., 0], v_scales=ks[..., 0], **kw)
