@@ -30,18 +30,12 @@ from flax import nnx
 
 from jaxlm.ops import quant as q_ops
 
-from .config import Config
+from .peft import _names
 
 
 class QWeight(nnx.Variable):
     """A quantized weight's integer values or scales: saved and sharded like a parameter,
     never trained."""
-
-
-def _names(var) -> tuple:
-    meta = var.get_metadata()
-    names = meta.get("out_sharding") or meta.get("sharding_names")
-    return tuple(names) if names else (None,) * var[...].ndim
 
 
 class QuantizedParam(nnx.Module):
@@ -135,22 +129,15 @@ def _targets(module):
     from .moe import MoE
     if isinstance(module, Dense):
         w = module.kernel
-        return [("kernel", module.in_rank, _ndim(w) - module.in_rank - _lead_of(module))]
+        if isinstance(w, QuantizedParam):
+            return []
+        lead = 1 if _names(w)[:1] == ("layers",) else 0   # a scanned stack's layer axis
+        return [("kernel", module.in_rank, w[...].ndim - module.in_rank - lead)]
     if isinstance(module, MoE):
         return [(name, 1, 1) for name in ("gate", "up", "down", "shared_gate_proj",
                                           "shared_up", "shared_down")
                 if getattr(module, name) is not None]
     return []
-
-
-def _ndim(w) -> int:
-    return len(w.shape) if isinstance(w, QuantizedParam) else w[...].ndim
-
-
-def _lead_of(dense) -> int:
-    """Leading (stacked) axes of a Dense's kernel: its names start with 'layers'."""
-    names = dense.kernel.names if isinstance(dense.kernel, QuantizedParam) else _names(dense.kernel)
-    return sum(1 for n in names[:1] if n == "layers")
 
 
 def quantize_in_place(lm, mode: str, group: int) -> None:
