@@ -10,11 +10,11 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
-    """Drop every compiled program after each test module. Each XLA CPU executable holds
-    memory mappings for its code, and one process compiling the whole suite's programs
-    crashed late in full runs (SIGSEGV/SIGABRT inside XLA compilation in test_serve, four
-    fresh runs in a row, with and without the persistent cache): most likely the kernel's
-    limit on mappings per process (vm.max_map_count, 65530 here). Modules share compiled
-    functions within themselves, not across, so this costs little."""
+    """Drop every compiled program after each test module. Full runs crashed late (SIGSEGV/
+    SIGABRT inside XLA CPU compilation in test_serve, four fresh runs in a row) until this
+    and the cache setting above were in place; since then CI and fresh local runs pass.
+    The cause was not isolated: the process's memory mappings peaked at ~10.6k of the
+    kernel's 65530 in a passing run, so it was not the mapping limit first suspected.
+    Modules share compiled functions within themselves, not across, so this costs little."""
     yield
     jax.clear_caches()
