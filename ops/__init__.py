@@ -17,5 +17,6 @@ from .speculative import accept, greedy_accept, ngram_propose, rejection_accept
 from .paged import gather_pages, paged_attention, paged_write
 from .preference import (cdpo_loss, dpo_loss, hinge_loss, ipo_loss, orpo_loss,
                          preference_loss, robust_dpo_loss, sequence_logps, simpo_loss)
+from .ring import allgather_attention, context_attention, ring_attention
 from .quant import (dequantize_int4, dequantize_int8, dequantize_kv, int4_matmul, int8_matmul,
                     pack_int4, quantize_int4, quantize_int8, quantize_kv, unpack_int4)

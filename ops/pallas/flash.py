@@ -54,8 +54,9 @@ def _query_tile_inputs(spec, q, k, v, masking, bq, bk):
                               index=lambda i, b, h: (b, i))
 
 
-def _forward(spec: AttentionSpec, q, k, v, masking: MaskInputs):
-    """Padded inputs → (o [b,t,h,dv], lse [b,h,t] float32)."""
+def _forward(spec: AttentionSpec, q, k, v, masking: MaskInputs, empty_lse: float = 0.0):
+    """Padded inputs → (o [b,t,h,dv], lse [b,h,t] float32); rows that see no key get o 0
+    and lse `empty_lse` (ring attention combines blocks by lse and needs a very negative one)."""
     b, t, h, d = q.shape
     dv = v.shape[-1]
     bq, bk = spec.blocks.block_q, spec.blocks.block_k
@@ -65,7 +66,7 @@ def _forward(spec: AttentionSpec, q, k, v, masking: MaskInputs):
          pl.BlockSpec((None, bq, None, dv), lambda i, b_, h_: (b_, i, h_, 0))),
         ("lse", jax.ShapeDtypeStruct((b, h, t), jnp.float32),
          pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)))]
-    kernel = functools.partial(fwd_kernel, spec, block_k=bk)
+    kernel = functools.partial(fwd_kernel, spec, block_k=bk, empty_lse=empty_lse)
     o, lse = run(kernel, spec, grid=(t // bq, b, h), inputs=inputs, outputs=outputs,
                  name="flash_fwd")
     return o, lse
@@ -149,9 +150,9 @@ def _flash(spec: AttentionSpec, q, k, v, masking: MaskInputs):
     return _flash_fwd(spec, q, k, v, masking)[0]
 
 
-def _flash_fwd(spec, q, k, v, masking):
+def _flash_fwd(spec, q, k, v, masking, empty_lse: float = 0.0):
     t = q.shape[1]
-    o, lse = _forward(spec, *_pad_inputs(spec, q, k, v, masking))
+    o, lse = _forward(spec, *_pad_inputs(spec, q, k, v, masking), empty_lse=empty_lse)
     o, lse = o[:, :t], lse[:, :, :t]
     return o, (q, k, v, masking, o, lse)
 
