@@ -6,6 +6,7 @@ from flax import nnx
 
 from jaxlm import ops
 
+from . import context
 from .cache import heads_to_layout, is_int8, quantized_news, slot_axis, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
@@ -51,7 +52,7 @@ class Attention(nnx.Module):
         elif kv is None and prefix is not None:
             out = self._with_prefix(q, k, v, positions, segment_ids, prefix, common)
         elif kv is None:
-            out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions,
+            out = context.attention(q, k, v, variant=cfg.context_parallel, q_positions=positions, kv_positions=positions,
                                 q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
                                 **common)
         else:
@@ -68,8 +69,9 @@ class Attention(nnx.Module):
                               v_scale=heads_to_layout(kv[3], axis)[..., 0])
             else:
                 k_buf, v_buf = k_buf.astype(q.dtype), v_buf.astype(q.dtype)
-            out = ops.attention(q, k_buf, v_buf, q_positions=positions, kv_positions=slots,
-                                kv_lengths=starts + x.shape[1], **scales, **common)
+            out = context.attention(q, k_buf, v_buf, variant=cfg.context_parallel,
+                                    q_positions=positions, kv_positions=slots,
+                                    kv_lengths=starts + x.shape[1], **scales, **common)
         return self.o_proj(out, peft), kv
 
     def _paged(self, q, k, v, positions, kv, pages, common):
@@ -89,6 +91,9 @@ class Attention(nnx.Module):
     def _with_prefix(self, q, k, v, positions, segment_ids, prefix, common):
         """Attention over [prefix ⊕ new] keys: the prefix at positions 0..P-1 with segment
         id -1 (every segment sees it), as the cache path sees it at slots 0..P-1."""
+        if context.sequence_size() > 1:
+            raise ValueError("prefix tuning does not train on a 'sequence' mesh axis (its "
+                             "virtual tokens would have to reach every device); drop it")
         if self.cfg.attention_impl != "xla":
             raise ValueError("prefix tuning trains with attention_impl='xla' (the fused "
                              "kernels have no shared-prefix segment); set --model."

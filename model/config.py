@@ -7,6 +7,7 @@ from typing import Any
 
 from jaxlm.ops.activations import ACTIVATIONS
 from jaxlm.ops.attention import IMPLEMENTATIONS as ATTENTION_IMPLS
+from jaxlm.ops.ring import VARIANTS as CONTEXT_PARALLEL
 from jaxlm.ops.moe import DISPATCHES, ROUTERS
 from jaxlm.ops.norms import NORMS
 from jaxlm.ops.positional import POSITIONS
@@ -65,6 +66,7 @@ class Config:
     init_std: float = 0.02
     attention_impl: str = "xla"
     remat: str = "none"                    # activation rematerialisation per block
+    context_parallel: str = "ring"         # under a 'sequence' mesh axis: "ring" or "allgather"
     # Multi-head latent attention (DeepSeek-V2/V3) --------------------------------
     attention: str = "gqa"                 # "gqa" (MHA/GQA/MQA) or "mla"
     q_lora_rank: int | None = None         # low-rank query; None → full q projection
@@ -118,6 +120,7 @@ class Config:
         choices = {"activation": tuple(ACTIVATIONS), "norm": NORMS, "position": POSITIONS,
                    "rope_layout": LAYOUTS, "dtype": DTYPES, "param_dtype": DTYPES,
                    "remat": REMAT, "attention_impl": ATTENTION_IMPLS,
+                   "context_parallel": CONTEXT_PARALLEL,
                    "attention": ATTENTION_KINDS, "router": ROUTERS, "moe_dispatch": DISPATCHES}
         for f, allowed in choices.items():
             if getattr(self, f) not in allowed:

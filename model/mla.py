@@ -18,6 +18,7 @@ from flax import nnx
 
 from jaxlm import ops
 
+from . import context
 from .cache import is_int8, quantized_news, write_layer
 from .config import Config
 from .layers import Dense, RMSNorm, residual_std
@@ -73,7 +74,7 @@ class MLAttention(nnx.Module):
 
         mask_args = dict(causal=True, sliding_window=self.window,
                          scale=cfg.softmax_scale, softcap=cfg.attn_softcap,
-                         implementation=cfg.attention_impl)
+                         implementation=cfg.attention_impl, variant=cfg.context_parallel)
         if pages is not None:
             return self._paged(x, q_nope, q_rope, latent, k_rope, positions, kv, pages,
                                mask_args, peft)
@@ -102,7 +103,7 @@ class MLAttention(nnx.Module):
             q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
             q_cat = jnp.concatenate([q_lat, q_rope], axis=-1)  # [b,t,h,r+dr]
             k_cat = jnp.concatenate([latent, k_rope], axis=-1)[:, :, None, :]
-            o_lat = ops.attention(q_cat, k_cat, latent[:, :, None, :], **scales, **mask_args)
+            o_lat = context.attention(q_cat, k_cat, latent[:, :, None, :], **scales, **mask_args)
             out = jnp.einsum("bthr,rhv->bthv", o_lat, w_uv)
         else:
             k_nope = jnp.einsum("bsr,rhn->bshn", latent, w_uk)
@@ -110,7 +111,8 @@ class MLAttention(nnx.Module):
             k = jnp.concatenate(
                 [k_nope, jnp.broadcast_to(k_rope[:, :, None, :], (*k_nope.shape[:3], k_rope.shape[-1]))],
                 axis=-1)
-            out = ops.attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v, **mask_args)
+            out = context.attention(jnp.concatenate([q_nope, q_rope], axis=-1), k, v,
+                                    **mask_args)
         return self.o_proj(out, peft), kv
 
     def _paged(self, x, q_nope, q_rope, latent, k_rope, positions, pools, pages, mask_args,

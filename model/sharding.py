@@ -140,21 +140,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh, shape: Sequence[int], batch_dim: int = 0,
-                   rules=DEFAULT_RULES) -> NamedSharding:
-    """Rows (dim `batch_dim`) split over the 'batch' rule's axes; other dims replicated."""
+                   rules=DEFAULT_RULES, length_dim: int | None = None) -> NamedSharding:
+    """Rows (dim `batch_dim`) split over the 'batch' rule's axes and, with length_dim,
+    that dim over the 'length' rule's (the 'sequence' axis); other dims replicated."""
     names = [None] * len(shape)
     names[batch_dim] = "batch"
+    if length_dim is not None:
+        names[length_dim] = "length"
     return activation_sharding(mesh, names, shape, rules)
 
 
-def global_batch(batch, mesh: Mesh, batch_dim: int = 0, rules=DEFAULT_RULES):
+def global_batch(batch, mesh: Mesh, batch_dim: int = 0, rules=DEFAULT_RULES,
+                 length_dim: int | None = None):
     """Host numpy arrays holding the whole global batch → jax Arrays sharded over the
-    mesh by rows. Every process passes the same global batch (token ids: a few KB) and
-    contributes only the rows its own devices hold, so one call serves one host and many.
+    mesh by rows (and by positions along length_dim, for context parallelism). Every
+    process passes the same global batch (token ids: a few KB) and contributes only the
+    pieces its own devices hold, so one call serves one host and many.
     """
     def put(x):
         x = np.asarray(x)
-        sharding = batch_sharding(mesh, x.shape, batch_dim, rules)
+        sharding = batch_sharding(mesh, x.shape, batch_dim, rules, length_dim)
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
     return jax.tree.map(put, batch)
 

@@ -16,6 +16,7 @@ from flax import nnx
 
 from jaxlm import ops
 
+from . import context
 from .attention import Attention
 from .cache import (KVCache, MLACache, create_cache, heads_to_layout, is_int8, quantized_news,
                     slot_axis, write_layer)
@@ -190,7 +191,8 @@ class CausalLM(nnx.Module):
     def embed_inputs(self, tokens, positions):
         """Token embeddings plus absolute position embeddings (learned or sinusoidal):
         x [b,t,d]. Positions past a learned table (the padding of a batched prefill,
-        never attended) read its last row rather than NaN."""
+        never attended) read its last row rather than NaN. Under a 'sequence' mesh axis x
+        is split along t from here on (jaxlm.model.context)."""
         cfg = self.cfg
         with jax.named_scope("embed"):
             x = self.embed(tokens)
@@ -200,7 +202,7 @@ class CausalLM(nnx.Module):
                 x = x + jnp.take(table, rows, axis=0).astype(x.dtype)
             elif cfg.position == "sinusoidal":
                 x = x + ops.sinusoidal_positions(positions, cfg.d_model).astype(x.dtype)
-            return x
+            return context.split_lengths(x)
 
     def position_signals(self, positions):
         """(rope cos/sin, alibi slopes) the attention layers need; both None when unused."""
@@ -273,6 +275,10 @@ class CausalLM(nnx.Module):
         given the tokens up to i+k+1; medusa[k] predicts the same token from h_i alone.
         Tokens past the end are 0 and their positions must be masked out of any loss, as
         must those whose tokens ahead lie in another packed document."""
+        if context.sequence_size() > 1:
+            raise ValueError("MTP and Medusa heads read the tokens ahead of each position, "
+                             "which a 'sequence' mesh axis puts on other devices; train "
+                             "them without one")
         x, _, aux, (positions, rope, alibi), head_peft = self._trunk(
             tokens, positions, None, segment_ids, peft)
         h = self.final_hidden(x)
