@@ -99,6 +99,8 @@ class TrainConfig:
     # Devices and hosts ---------------------------------------------------------------------
     mesh: str = ""                   # e.g. "data=2,fsdp=2,tensor=2" (axes data, fsdp, tensor,
                                      # expert, sequence; one size may be -1); "" = one device
+    sequence_order: str = "zigzag"   # with a sequence axis: each row's tokens over its devices,
+                                     # "zigzag" (equal causal work) or "contiguous"
     coordinator: str = ""            # multi-host: "HOST:PORT" of process 0, or "auto"
     num_processes: int = 1           # with --coordinator HOST:PORT: processes in the run
     process_id: int = 0              # with --coordinator HOST:PORT: this process's index
@@ -123,9 +125,10 @@ class TrainConfig:
         if self.mesh:
             from jaxlm.model.sharding import parse_mesh_spec
             try:
-                parse_mesh_spec(self.mesh)
+                sizes = parse_mesh_spec(self.mesh)
             except ValueError as e:
                 bad("mesh", str(e))
+            self._check_sequence(sizes.get("sequence", 1))
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         for f in ("mtp_depth", "medusa_heads"):
@@ -161,6 +164,18 @@ class TrainConfig:
             if self.mesh:
                 bad("peft", "adapter training on a --mesh is not supported yet; train on "
                             "one device")
+
+    def _check_sequence(self, n: int):
+        """A 'sequence' axis of n devices splits every row into equal chunks."""
+        from jaxlm.model.context import ORDERS
+        if self.sequence_order not in ORDERS:
+            bad = f"{self.sequence_order!r} is not one of {', '.join(ORDERS)}"
+            raise ValueError(f"--sequence_order: {bad}")
+        pieces = n * (2 if self.sequence_order == "zigzag" else 1)
+        if n > 1 and self.seq_len % pieces:
+            raise ValueError(f"--seq_len {self.seq_len} does not split into {pieces} equal "
+                             f"chunks for sequence={n} ({self.sequence_order} order); use a "
+                             f"multiple of {pieces}")
 
     def _check_task(self):
         from jaxlm.ops.preference import LOSSES
@@ -238,7 +253,7 @@ RESUME_MAY_CHANGE = frozenset({
     "steps", "run_dir", "resume", "checkpoint_every", "keep", "eval_every", "eval_batches",
     "log_every", "sample_tokens", "sample_prompt", "progress", "plot",
     # where the arrays live, not what they hold: a checkpoint restores onto any mesh
-    "mesh", "coordinator", "num_processes", "process_id",
+    "mesh", "coordinator", "num_processes", "process_id", "sequence_order",
 })
 
 

@@ -125,6 +125,8 @@ def train(tcfg: TrainConfig, cfg: Config | None, *, resume_step: int | None = No
     t_start = time.perf_counter()
     os.makedirs(tcfg.run_dir, exist_ok=True)
     mesh = make_mesh(tcfg.mesh) if tcfg.mesh else None
+    if mesh is not None:  # a size of -1 is known only now
+        tcfg._check_sequence(dict(mesh.shape).get("sequence", 1))
     base, extra = None, {}
     if tcfg.init:
         base, cfg, extra = _base(tcfg, cfg, resume_step, mesh, base_dtype)
@@ -148,7 +150,7 @@ def train(tcfg: TrainConfig, cfg: Config | None, *, resume_step: int | None = No
         it = D.batches(train_stream, tcfg.seq_len, tcfg.batch_size, tcfg.grad_accum,
                        tcfg.seed)
         val = D.val_batches(val_stream, tcfg.seq_len, tcfg.batch_size, tcfg.eval_batches)
-        eval_step = make_eval_step(model, mesh)
+        eval_step = make_eval_step(model, mesh, tcfg.sequence_order)
         evaluator = (lambda st: {"val_loss": evaluate(eval_step, st, val)}) if val else None
         tokens_per_step = tcfg.seq_len * tcfg.batch_size * tcfg.grad_accum
     else:   # before any restore: the state still holds the starting weights (reference)

@@ -21,12 +21,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import struct
 from jax.sharding import Mesh
 
 from jaxlm.model import Config
-from jaxlm.model import build, sharding
+from jaxlm.model import build, context, sharding
 from jaxlm.model.build import SplitModel
 from jaxlm.model.peft import PeftInputs
 from jaxlm.ops.moe import update_router_bias
@@ -354,7 +355,7 @@ def make_train_step(model: SplitModel, tcfg: TrainConfig, optimizer, mesh: Mesh 
         return _with_frozen(jax.jit(step, donate_argnums=0), model, objective.inputs)
     shardings = (state_shardings(tcfg, model.cfg, optimizer, mesh), sharding.replicated(mesh))
     return _on_mesh(jax.jit(step, donate_argnums=0, out_shardings=shardings), mesh, 1, model,
-                    objective.inputs)
+                    objective.inputs, order=tcfg.sequence_order)
 
 
 def _with_frozen(jitted, model: SplitModel, *extra):
@@ -367,18 +368,35 @@ def _with_frozen(jitted, model: SplitModel, *extra):
     return run
 
 
-def _on_mesh(jitted, mesh: Mesh, batch_dim: int, model: SplitModel, *extra):
+def _on_mesh(jitted, mesh: Mesh, batch_dim: int, model: SplitModel, *extra,
+             order: str = "zigzag"):
     """jitted(first, batch, frozen, *extra) run under the mesh, with the host batch made
-    global."""
+    global. With a 'sequence' axis the tokens of every row are laid out in `order`
+    (context.zigzag_order) and split along it: the loss sums over tokens and attention
+    masks by the positions that travel with them, so the order changes no result."""
+    n = context.sequence_size(mesh)
+    length_dim = batch_dim + 1 if n > 1 else None
+
     def run(first, batch):
+        if length_dim is not None:
+            batch = sequence_layout(batch, n, length_dim, order)
         with jax.set_mesh(mesh):
-            return jitted(first, sharding.global_batch(batch, mesh, batch_dim), model.frozen,
-                          *extra)
+            return jitted(first, sharding.global_batch(batch, mesh, batch_dim,
+                                                       length_dim=length_dim),
+                          model.frozen, *extra)
     run.jitted = jitted  # for lowering/inspection (under jax.set_mesh, on a global batch)
     return run
 
 
-def make_eval_step(model: SplitModel, mesh: Mesh | None = None):
+def sequence_layout(batch, n: int, length_dim: int, order: str = "zigzag"):
+    """Host arrays with every row's positions reordered along length_dim for n devices."""
+    def one(x):
+        x = np.asarray(x)
+        return np.take(x, context.zigzag_order(x.shape[length_dim], n, order), axis=length_dim)
+    return jax.tree.map(one, batch)
+
+
+def make_eval_step(model: SplitModel, mesh: Mesh | None = None, order: str = "zigzag"):
     """Jitted (TrainState, batch [b,t]) -> (cross-entropy sum, token count), with the
     state's parameters and router biases."""
     def evaluate(state: TrainState, batch, frozen):
@@ -390,7 +408,8 @@ def make_eval_step(model: SplitModel, mesh: Mesh | None = None):
         return jnp.sum(ce * mask), jnp.sum(mask)
     if mesh is None:
         return _with_frozen(jax.jit(evaluate), model)
-    return _on_mesh(jax.jit(evaluate, out_shardings=sharding.replicated(mesh)), mesh, 0, model)
+    return _on_mesh(jax.jit(evaluate, out_shardings=sharding.replicated(mesh)), mesh, 0, model,
+                    order=order)
 
 
 def flops_per_token(cfg: Config, params, seq_len: int, frozen=None) -> float:

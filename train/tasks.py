@@ -113,7 +113,7 @@ class PostTraining:
               .batch(tcfg.batch_size * tcfg.grad_accum, drop_remainder=True)
               .map(D._stack(tcfg.grad_accum)))
         val = _row_batches(pack(self.val, tcfg.seq_len), tcfg.batch_size) if self.val else []
-        eval_step = make_eval_step(model, mesh)
+        eval_step = make_eval_step(model, mesh, tcfg.sequence_order)
 
         def evaluate(state):
             if not val:
