@@ -5,7 +5,7 @@ localhost, gloo collectives, one global mesh.
 --mesh ...` trains a step whose loss equals the same run in one process on one device;
 the orbax checkpoint both processes wrote restores (--resume) and the continued run
 still equals an uninterrupted single-process one. The default test does this with one
-device per process (mesh data=2); the slow one with four each (data=2,fsdp=2,tensor=2),
+device per process (mesh sequence=2); the slow one with four each (data=2,fsdp=2,tensor=2),
 evaluation and the end-of-run sample."""
 import json
 import os
@@ -96,7 +96,8 @@ def losses(run):
 def test_two_processes_train_like_one_and_their_checkpoint_resumes(corpus, cached_env,
                                                                    tmp_path):
     """The cheapest proof, run by default: step 1 on two processes (one device each, mesh
-    data=2) has the loss of one process on one device; the checkpoint both wrote resumes
+    sequence=2: every row split between the hosts, ring attention passing K/V blocks
+    between them over gloo) has the loss of one process on one device; the checkpoint both wrote resumes
     in one process (another topology) and step 2 still equals the uninterrupted run.
     No evaluation, no sample: it compiles only what it proves. The slow test below
     resumes on the two-process mesh itself, with sharded parameters."""
@@ -106,10 +107,10 @@ def test_two_processes_train_like_one_and_their_checkpoint_resumes(corpus, cache
     # Compiling is mostly one core's work: the reference runs beside the two processes,
     # and the one-process resume then finds its step program in the cache.
     reference = launch([*common, "--steps", "2", "--run_dir", single], cached_env)
-    outs = train([*common, "--mesh", "data=2", "--steps", "1", "--run_dir", multi],
+    outs = train([*common, "--mesh", "sequence=2", "--steps", "1", "--run_dir", multi],
                  cached_env, processes=2)
     finish(reference)
-    assert "mesh {'data': 2} over 2 process(es)" in outs[0][0]
+    assert "mesh {'sequence': 2} over 2 process(es)" in outs[0][0]
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["1"]
     out, _ = train([*common, "--steps", "2", "--run_dir", multi, "--resume", "--mesh", "",
                     "--num_processes", "1"], cached_env)[0]

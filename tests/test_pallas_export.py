@@ -131,6 +131,30 @@ def test_flash_lowers_to_triton(name):
     assert grids == {"flash_fwd": (b, h), "flash_bwd_dq": (b, h), "flash_bwd_dkv": (b, kh)}
 
 
+def test_ring_attention_blocks_lower_to_triton():
+    """Context parallelism's per-block attention on GPU (ops/ring.py with
+    implementation="pallas"): the flash forward returning its lse (NEG for rows that see
+    nothing) and the flash backward from the ring's global out and lse, one kernel each."""
+    from jaxlm.ops import ring
+    b, t, s, h, kh, d = 1, 96, 192, 8, 2, 64   # a key block longer than the queries
+    spec = ring.RingSpec("sequence", True, None, d ** -0.5, None, 2, "pallas", "triton")
+    q, k, v, do = _specs(b, t, s, h, kh, d, jnp.bfloat16)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    lse = jax.ShapeDtypeStruct((b, h, t), jnp.float32)
+
+    def forward(q, k, v, qpos, kpos, qseg, kseg):
+        return ring._flash_block_fwd(spec, q, k, v, qpos, kpos, qseg, kseg, None)
+
+    def backward(q, k, v, qpos, kpos, qseg, kseg, out, lse, do):
+        return ring._flash_block_bwd(spec, q, k, v, qpos, kpos, qseg, kseg, None, out, lse, do)
+
+    pos = (i32(b, t), i32(b, s), i32(b, t), i32(b, s))
+    calls = _kernel_calls(_export(forward, "cuda", q, k, v, *pos), TRITON_CALL)
+    assert [n for n, _ in calls] == ["flash_fwd"]
+    calls = _kernel_calls(_export(backward, "cuda", q, k, v, *pos, do, lse, do), TRITON_CALL)
+    assert collections.Counter(n for n, _ in calls) == {"flash_bwd_dq": 1, "flash_bwd_dkv": 1}
+
+
 GPU_DECODE = {
     # name: (b, t, s, h, kh, d, static kwargs); s is not a multiple of any tile
     "d128_gqa4_one_token": (2, 1, 500, 8, 2, 128, dict(causal=True)),

@@ -110,7 +110,8 @@ def test_sharded_train_step_and_greedy_decode_equal_one_device(kind, meshes):
 
 def test_infer_cli_on_a_mesh_prints_what_one_device_prints(tmp_path):
     """`python -m jaxlm.infer --mesh` on 4 emulated devices: the parameters restored
-    straight into their shards, the same greedy text as without a mesh."""
+    straight into their shards, the same greedy text as without a mesh (heads split over
+    tensor, the prompts' prefill over the sequence axis)."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
@@ -128,7 +129,7 @@ def test_infer_cli_on_a_mesh_prints_what_one_device_prints(tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu"}
     outs = {}
-    for mesh in ([], ["--mesh", "data=2,tensor=2"]):
+    for mesh in ([], ["--mesh", "tensor=2,sequence=2"]):
         p = subprocess.run([sys.executable, "-m", "jaxlm.infer", "--checkpoint", run,
                             "--prompt-ids", "1,2,3", "--prompt-ids", "4,5",
                             "--max-new-tokens", "6", *mesh],
