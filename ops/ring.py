@@ -217,14 +217,18 @@ def _ring_fwd(spec: RingSpec, q, k, v, qpos, kpos, qseg, kseg, slopes):
     acc = (jnp.zeros((b, t, h, v.shape[-1]), jnp.float32), jnp.full((b, h, t), NEG, jnp.float32))
     acc = jax.tree.map(lambda x: _varying(x, spec.axis_name), acc)
     kv = (k, v, kpos, kseg)
-    acc = _visit_fwd(spec, q, qpos, qseg, slopes, acc, kv)
+    # Checkpointed: differentiated inside the model (shard_map in a scanned, linearized
+    # layer), JAX otherwise keeps every ring step's sub-block logits as residuals of this
+    # forward, [N-1, C², …] stacked: memory ∝ T²/N. The backward ring needs none of them.
+    visit = jax.checkpoint(functools.partial(_visit_fwd, spec))
 
     def step(_, carry):
         acc, kv = carry
-        kv = _shift(kv, spec.axis_name)
-        return _visit_fwd(spec, q, qpos, qseg, slopes, acc, kv), kv
+        nxt = _shift(kv, spec.axis_name)   # in flight while this block is visited
+        return visit(q, qpos, qseg, slopes, acc, kv), nxt
 
-    (out, lse), _ = jax.lax.fori_loop(1, jax.lax.axis_size(spec.axis_name), step, (acc, kv))
+    acc, kv = jax.lax.fori_loop(0, jax.lax.axis_size(spec.axis_name) - 1, step, (acc, kv))
+    out, lse = visit(q, qpos, qseg, slopes, acc, kv)   # the last block: nothing left to send
     return out.astype(q.dtype), (q, k, v, qpos, kpos, qseg, kseg, slopes, out, lse)
 
 
@@ -250,10 +254,10 @@ def _ring_bwd(spec: RingSpec, res, do):
 
     def step(_, carry):
         dq, kv, (dk, dv) = carry
+        nxt = _shift(kv, spec.axis_name)   # the next K/V block travels during the maths
         dq, dk, dv = _each_pair(spec, tq, tk, qpos, qseg, kv[2], kv[3], body_for(*kv),
                                 (dq, dk, dv))
-        kv, dkv = _shift((kv, (dk, dv)), spec.axis_name)
-        return dq, kv, dkv
+        return dq, nxt, _shift((dk, dv), spec.axis_name)
 
     zeros = lambda x: _varying(jnp.zeros(x.shape, jnp.float32), spec.axis_name)  # noqa: E731
     # n steps and n shifts: every K/V block, with its accumulated dK/dV, comes home.

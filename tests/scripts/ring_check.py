@@ -248,20 +248,27 @@ run_case("pallas (interpret), N=4, packed documents, dv 8", n=4, T=64, b=1, h=2,
 B, H, D = 1, 4, 64
 
 
-def memory(variant, n, T, chunks=None):
+def memory(variant, n, T, chunks=None, scanned=False):
     """(temp bytes per device, full K/V bytes, whether any per-device array has the full
-    length T) of the compiled value_and_grad."""
+    length T) of the compiled value_and_grad. scanned: the attention is a layer of a
+    2-step lax.scan, as in the model (linearizing a scan once made JAX keep every ring
+    step's logits)."""
     mesh = mesh_of((n,), (AXIS,))
     spec = P(None, AXIS)
     extra = {} if chunks is None else {"chunks": chunks}
 
-    def loss(q, k, v, p):
+    def attend(q, k, v, p):
         def local(q, k, v, p):
             return ring.context_attention(q, k, v, variant=variant, axis_name=AXIS,
                                           q_positions=p, kv_positions=p, causal=True, **extra)
-        out = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
-                            check_vma=False)(q, k, v, p)
-        return jnp.sum(jnp.sin(out))
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec,
+                             check_vma=False)(q, k, v, p)
+
+    def loss(q, k, v, p):
+        if scanned:
+            q, _ = jax.lax.scan(lambda x, _: (x + attend(x, k, v, p), None), q, None, length=2)
+            return jnp.sum(jnp.sin(q))
+        return jnp.sum(jnp.sin(attend(q, k, v, p)))
 
     x = jax.ShapeDtypeStruct((B, T, H, D), jnp.float32)
     p = jax.ShapeDtypeStruct((B, T), jnp.int32)
@@ -272,7 +279,8 @@ def memory(variant, n, T, chunks=None):
     # the per-device program after partitioning: a full-length K/V would be f32[1,T,...]
     full_length = re.search(rf"f32\[{B},{T},", compiled.as_text()) is not None
     full_kv = 2 * B * T * H * D * 4              # every device's K and V, float32
-    label = f"{variant} N={n} T={T}" + ("" if chunks is None else f" chunks={chunks}")
+    label = (f"{variant} N={n} T={T}" + ("" if chunks is None else f" chunks={chunks}")
+             + (" in a scan" if scanned else ""))
     print(f"mem {label:30s} temp {m.temp_size_in_bytes / 2**20:7.2f} MiB  args "
           f"{m.argument_size_in_bytes / 2**20:5.2f} MiB  (full K/V {full_kv / 2**20:5.2f} MiB)"
           f"  full-length arrays: {full_length}", flush=True)
@@ -286,6 +294,12 @@ T1, N = 8192, 8
 ring_def = [memory("ring", N, T) for T in (T1, 2 * T1, 4 * T1)]
 gathered = [memory("allgather", N, T) for T in (T1, 2 * T1)]
 same_t = memory("ring", N // 2, T1 // 2)
+scanned = [memory("ring", N, T, scanned=True) for T in (T1, 2 * T1, 4 * T1)]
+s1, s2, s3 = (r[0] for r in scanned)
+s_ratio = (s3 - s2) / (s2 - s1)
+print(f"mem ring in a scan: increments ratio {s_ratio:.2f}")
+if not 1.6 <= s_ratio <= 2.5:
+    fail("memory", f"ring temp in a scan: increments grow {s_ratio:.2f}x when T doubles")
 m1, m2, m3 = (r[0] for r in ring_def)
 ratio = (m3 - m2) / (m2 - m1)
 print(f"mem ring increments T->2T {(m2 - m1) / 2**20:.2f} MiB, 2T->4T {(m3 - m2) / 2**20:.2f} "
