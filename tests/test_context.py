@@ -33,6 +33,9 @@ def test_train_step_and_prefill_on_a_sequence_axis_equal_one_device():
         assert r["loss"] <= 1e-5 and r["grad_norm"] <= 1e-5 and r["params"] <= 1e-5, (case, r)
         if "tokens_equal" in r:
             assert r["tokens_equal"] and r["logits"] <= 1e-5, (case, r)
+        if "prefix_cache" in r:   # prompts prefilled after a cached prefix
+            p = r.pop("prefix_cache")
+            assert p["used"] and p["tokens_equal"] and p["logits"] <= 1e-5, (case, p)
         # the ring passes K/V blocks device to device; the other variant gathers them
         ring = " ring " in case
         assert r["collective_permute"] == ring and r["all_gather"] == (not ring), (case, r)

@@ -113,10 +113,32 @@ def main():
                                                              record_logits=True)
             row.update(tokens_equal=got == want,
                        logits=float(np.abs(logits - want_logits).max()))
+            if name == "dense":   # prompts prefilled after a cached prefix: starts > 0
+                row["prefix_cache"] = prefix_cached(lm, SplitModel.create(cfg, 0).merge(
+                    ref.params), mesh)
         report[f"{name} {spec} {variant} {order}"] = row
         print(f"{name} {spec} {variant} {order}: {row}", flush=True)
     report["mtp_refused"] = mtp_refused()
     print(json.dumps(report))
+
+
+SHARED = rng.integers(0, 64, 20).tolist()
+PREFIXED = [SHARED + rng.integers(0, 64, n).tolist() for n in (3, 7, 1)]
+
+
+def prefix_cached(lm, lm_on_mesh, mesh) -> dict:
+    """Greedy tokens and logits with the prefix cache on (the second call copies the
+    shared prefix in and prefills only the suffixes, after filled slots) on the mesh
+    against one device, and whether the cache was used."""
+    out = {}
+    for key, engine in (("one", Engine(lm)), ("mesh", Engine(lm_on_mesh, mesh=mesh))):
+        for _ in range(2):
+            out[key] = engine.generate(PREFIXED, max_new_tokens=4, prefix_cache=True,
+                                       record_logits=True)
+        out[key + "_stored"] = len(engine.prefixes) > 0
+    return {"tokens_equal": out["one"][0] == out["mesh"][0],
+            "logits": float(np.abs(out["one"][1] - out["mesh"][1]).max()),
+            "used": out["one_stored"] and out["mesh_stored"]}
 
 
 def mtp_refused() -> bool:
