@@ -52,9 +52,10 @@ class Attention(nnx.Module):
         elif kv is None and prefix is not None:
             out = self._with_prefix(q, k, v, positions, segment_ids, prefix, common)
         elif kv is None:
-            out = context.attention(q, k, v, variant=cfg.context_parallel, q_positions=positions, kv_positions=positions,
-                                q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                **common)
+            out = context.attention(q, k, v, variant=cfg.context_parallel,
+                                    q_positions=positions, kv_positions=positions,
+                                    q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                    **common)
         else:
             axis = slot_axis(cfg)
             news = quantized_news(kv, (heads_to_layout(k, axis), heads_to_layout(v, axis)))

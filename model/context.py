@@ -99,18 +99,16 @@ def _sharded(q, k, v, qpos, kpos, qseg, kseg, *, variant, alibi_slopes=None, **k
     b, kh = q.shape[0], k.shape[2]
     rows = logical_to_spec(("batch",), (b,), mesh)[0]
     heads = logical_to_spec(("kv_heads",), (kh,), mesh)[0]
-    qspec, kspec = P(rows, AXIS, heads, None), P(rows, AXIS, heads, None)
+    spec = P(rows, AXIS, heads, None)   # q, k, v and the output alike
     tok = P(rows, AXIS)
-    segs = qseg is not None
+    seg = None if qseg is None else tok
 
     def local(q, k, v, qpos, kpos, qseg, kseg, slopes):
         return ring.context_attention(
             q, k, v, variant=variant, axis_name=AXIS, q_positions=qpos, kv_positions=kpos,
             q_segment_ids=qseg, kv_segment_ids=kseg, alibi_slopes=slopes, **kwargs)
 
-    seg_spec = tok if segs else None
     return jax.shard_map(local, mesh=mesh,   # ALiBi: each device's slopes of its own heads
-                         in_specs=(qspec, kspec, kspec, tok, tok, seg_spec, seg_spec,
-                                   P(heads)),
-                         out_specs=qspec, check_vma=False)(
-        q, k, v, qpos, kpos, qseg if segs else None, kseg if segs else None, alibi_slopes)
+                         in_specs=(spec, spec, spec, tok, tok, seg, seg, P(heads)),
+                         out_specs=spec, check_vma=False)(
+        q, k, v, qpos, kpos, qseg, kseg, alibi_slopes)
