@@ -28,7 +28,9 @@ from jaxlm.model import from_hf, to_hf  # noqa: E402
 from jaxlm.model import peft as P  # noqa: E402
 from jaxlm.model.io.peft import load_peft, save_peft  # noqa: E402
 
-ATOL = 1e-4
+# Logits from transformers and XLA differ in their last bits, and by how much depends on
+# the CPU (AVX2 vs AVX-512 vs ARM): tolerances are relative to the logits' magnitude.
+RTOL = 1e-4
 V = 97
 TOKENS = np.random.default_rng(0).integers(0, V, (2, 11)).astype(np.int32)
 BASES = {
@@ -73,6 +75,11 @@ def diff(a, b):
     return float(np.abs(a - b).max())
 
 
+def tol(ref):
+    """The largest difference allowed against reference logits `ref`."""
+    return RTOL * max(1.0, float(np.abs(ref).max()))
+
+
 def peft_adapter(bases, family, config, path, train_steps=0):
     """A PEFT model on the family's base with every adapter weight perturbed, saved to
     path; returns its forward logits."""
@@ -107,8 +114,8 @@ def test_peft_saved_lora_gives_peft_logits(bases, case, tmp_path):
     base = np.asarray(lm(TOKENS).logits)
     load_peft(lm, str(tmp_path))
     got = np.asarray(lm(TOKENS).logits)
-    assert diff(base, ref) > 50 * ATOL      # the adapter changes the logits...
-    assert diff(got, ref) <= ATOL, case     # ...exactly as PEFT's forward does
+    assert diff(base, ref) > 50 * tol(ref)  # the adapter changes the logits...
+    assert diff(got, ref) <= tol(ref), case  # ...exactly as PEFT's forward does
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -125,8 +132,8 @@ def test_peft_saved_prefix_gives_peft_forward_logits(bases, family, projection, 
     base = np.asarray(lm(TOKENS).logits)
     load_peft(lm, str(tmp_path))
     assert lm.peft_spec == P.PrefixSpec(tokens=5)
-    assert diff(base, ref) > 50 * ATOL
-    assert diff(np.asarray(lm(TOKENS).logits), ref) <= ATOL
+    assert diff(base, ref) > 50 * tol(ref)
+    assert diff(np.asarray(lm(TOKENS).logits), ref) <= tol(ref)
 
 
 def random_adapter(lm, spec, seed=1, std=0.2):
@@ -150,7 +157,7 @@ def test_jaxlm_lora_loads_in_peft_and_merges_to_the_same_weights(bases, family, 
     want = np.asarray(lm(TOKENS).logits)
     save_peft(lm, str(tmp_path / "adapter"), base_model_name_or_path=path)
     model = peft_lib.PeftModel.from_pretrained(fresh(), str(tmp_path / "adapter")).eval()
-    assert diff(torch_logits(model), want) <= ATOL
+    assert diff(torch_logits(model), want) <= tol(want)
     merged = model.merge_and_unload()
     P.merge(lm)
     to_hf(lm, str(tmp_path / "merged"))
@@ -170,9 +177,9 @@ def test_jaxlm_prefix_loads_in_peft(bases, family, tmp_path):
     want = np.asarray(lm(TOKENS).logits)
     save_peft(lm, str(tmp_path))
     model = peft_lib.PeftModel.from_pretrained(fresh(), str(tmp_path)).eval()
-    assert diff(torch_logits(model), want) <= ATOL
+    assert diff(torch_logits(model), want) <= tol(want)
     back = load_peft(from_hf(path), str(tmp_path))   # the table, without the MLP
-    assert diff(np.asarray(back(TOKENS).logits), want) <= ATOL
+    assert diff(np.asarray(back(TOKENS).logits), want) <= tol(want)
 
 
 def test_bottleneck_round_trips_through_the_same_files(bases, tmp_path):
