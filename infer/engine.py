@@ -219,10 +219,11 @@ class Engine:
 
     def _spec_request(self, prompts, max_new_tokens, stop_tokens, adapter_ids, prefix_cache,
                       record_logits=False):
-        if prefix_cache or record_logits or adapter_ids is not None:
-            raise ValueError("speculative decoding takes no prefix_cache, record_logits or "
-                             "adapter_ids; use an Engine without speculative= for those")
-        return self.check(prompts, max_new_tokens, stop_tokens)
+        if prefix_cache or record_logits:
+            raise ValueError("speculative decoding takes no prefix_cache or record_logits; "
+                             "use an Engine without speculative= for those")
+        prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
+        return prompts, row_adapters(self.served, adapter_ids, len(prompts))
 
     # Pieces --------------------------------------------------------------------------
     @property
@@ -344,10 +345,11 @@ class Engine:
         it. record_logits: also return the per-step logits [b, max_new_tokens, v].
         adapter_ids: each prompt's adapter (an index into `adapters`; -1 or None: base)."""
         if self.spec is not None:
-            prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
-                                         prefix_cache, record_logits)
+            prompts, rows = self._spec_request(prompts, max_new_tokens, stop_tokens,
+                                               adapter_ids, prefix_cache, record_logits)
             return self.spec.generate(prompts, max_new_tokens, sampling, jax.random.key(seed),
-                                      _check_stop_tokens(stop_tokens, self.cfg.vocab_size))
+                                      _check_stop_tokens(stop_tokens, self.cfg.vocab_size),
+                                      rows)
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))
         first, logits, cache = self.prefill_prompts(prompts, max_new_tokens, prefill_key,
@@ -367,11 +369,11 @@ class Engine:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if self.spec is not None:
-            prompts = self._spec_request(prompts, max_new_tokens, stop_tokens, adapter_ids,
-                                         prefix_cache)
+            prompts, rows = self._spec_request(prompts, max_new_tokens, stop_tokens,
+                                               adapter_ids, prefix_cache)
             yield from self.spec.stream(prompts, max_new_tokens, sampling, jax.random.key(seed),
                                         _check_stop_tokens(stop_tokens, self.cfg.vocab_size),
-                                        chunk)
+                                        chunk, rows)
             return
         prompts = self.check(prompts, max_new_tokens, stop_tokens, adapter_ids)
         prefill_key, decode_key = jax.random.split(jax.random.key(seed))

@@ -136,12 +136,14 @@ def hidden(graphs: LayerGraphs, weights: LayerWeights, tokens, cache: DecodeCach
 
 
 def paged_hidden(graphs: LayerGraphs, weights: LayerWeights, tokens, positions, pools,
-                 pages: PageIndex):
+                 pages: PageIndex, peft: PeftInputs | None = None):
     """One packed step over a paged cache (infer/scheduler.py): tokens and positions [1,T]
     of several sequences, pools one tuple of page pools per layer, pages where each token
-    goes (model.cache.PageIndex). Returns (final hidden states [1,T,d], new pools)."""
+    goes (model.cache.PageIndex); peft: each token's stacked adapter, ids [1,T]. Returns
+    (final hidden states [1,T,d], new pools)."""
     lm = outer_model(graphs, weights)
-    x, pools = _blocks(graphs, weights, lm, tokens, positions, pools, None, pages=pages)
+    x, pools = _blocks(graphs, weights, lm, tokens, positions, pools, None, pages=pages,
+                       peft=peft)
     return lm.final_hidden(x), pools
 
 

@@ -23,6 +23,25 @@ tokens it already generated, as vLLM's recompute preemption does.
 
 Shapes come from a fixed menu (steps.Shapes): `warmup()` compiles all of it, after which
 serving never compiles (`compiled_programs`; tested).
+
+Adapters (`adapters=[...]`, as Engine's): each Request names its own (`adapter`, an index
+into the list; -1 the base). LoRA and bottleneck adapters are stacked on the model
+(jaxlm.model.peft.attach_stacked) and every token of a step carries its row's index into
+the stack, so requests of different adapters share one compiled step. A page's prefix key
+starts from its adapter's id, since the same tokens give other K/V under another adapter.
+
+Speculative decoding (`speculative=Speculative("lookup", n_draft=γ, ngram=N)`): while every
+sequence decodes, a step is one verification round instead: each row feeds its newest
+token and γ drafts looked up on the host in its own prompt and output (prompt lookup),
+the target's logits at those γ+1 positions decide, per row and with the row's own
+sampling settings, how many drafts it accepts (exact: greedy equals plain greedy, sampled
+output keeps the target's distribution; jaxlm.ops.speculative), and it emits them plus one
+token of the target's own. Pages are reserved for the γ+1 slots a round writes; slots of
+rejected drafts lie past the row's computed length and are overwritten next round.
+
+Mesh (`mesh=`): weights are laid out by the logical-axis rules (tensor-parallel heads and
+MLP, experts over 'expert'), every page pool splits its kv heads over 'tensor', and each
+step runs as one SPMD program; tokens equal one device's.
 """
 from __future__ import annotations
 
@@ -40,9 +59,16 @@ from jaxlm.model.memory import pages_for
 from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.sampling import Sampling
 
+import contextlib
+
+from jaxlm.model.cache import slot_axis
+from jaxlm.model.sharding import replicated
+
+from .adapters import prepare
 from .forward import split_model
 from .pages import PagePool, page_keys
-from .steps import DecodeInputs, MixedInputs, Shapes, compiled
+from .speculative import Speculative, lookup_drafts
+from .steps import DecodeInputs, MixedInputs, Shapes, VerifyInputs, compiled, pool_sharding
 
 
 @dataclasses.dataclass
@@ -57,6 +83,7 @@ class Request:
     stop_tokens: tuple = ()
     stop_strings: tuple = ()
     id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    adapter: int = -1        # index into the Scheduler's adapters (-1: the base model)
 
 
 @dataclasses.dataclass
@@ -97,18 +124,24 @@ class Scheduler:
     stores keys and values quantized, with a scale per token and kv head).
     decode_steps: tokens per row per device call while every sequence decodes (K; 1: one
     step per call). keep_quantized: as Engine's (quantized weights read quantized in every
-    step; default on GPU/TPU)."""
+    step; default on GPU/TPU). mesh, adapters, speculative: see the module docstring."""
 
     def __init__(self, lm: CausalLM, *, tokenizer=None, page_size: int = 16,
                  kv_memory: int | None = None, n_pages: int | None = None, max_seqs: int = 16,
                  max_batched_tokens: int = 256, max_len: int | None = None,
                  prefix_sharing: bool = True, cache_dtype=None, decode_steps: int = 4,
-                 keep_quantized: bool | None = None):
+                 keep_quantized: bool | None = None, mesh=None, adapters=None,
+                 speculative: Speculative | None = None):
         cfg = self.cfg = lm.cfg
-        if getattr(lm, "prefix", None) is not None:
+        dtype = cache_dtype_of(cfg, cache_dtype)
+        lm, self.served = prepare(lm, adapters, False, dtype, slot_axis(cfg),
+                                  None if mesh is None else replicated(mesh))
+        if self.served.prefixes:
             raise ValueError("the paged scheduler serves LoRA and bottleneck adapters, not "
                              "prefix tuning (its virtual tokens would need their own pages); "
                              "use jaxlm.infer.Engine for prefix-tuned models")
+        self.stacked = self.served.model_ids is not None
+        self.spec = self._check_speculative(speculative)
         for name, v in (("page_size", page_size), ("max_seqs", max_seqs),
                         ("max_batched_tokens", max_batched_tokens)):
             if not isinstance(v, int) or v < 1:
@@ -121,19 +154,22 @@ class Scheduler:
         self.page_size, self.max_seqs = page_size, max_seqs
         self.max_batched_tokens = max_batched_tokens
         self.pages_per_seq = -(-self.max_len // page_size)
-        dtype = cache_dtype_of(cfg, cache_dtype)
         if kv_memory is not None and n_pages is not None:
             raise ValueError("give kv_memory or n_pages, not both")
         if kv_memory is not None:
             n_pages = pages_for(cfg, kv_memory, page_size, dtype.name)
         self.pool = PagePool(n_pages or max_seqs * self.pages_per_seq, page_size)
-        self.graphs, self.weights = split_model(lm, None, keep_quantized)
+        self.mesh = mesh
+        self.graphs, self.weights = split_model(lm, mesh, keep_quantized)
         if not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {decode_steps!r}")
         self.decode_steps = decode_steps
         self.menu = Shapes(max_seqs, max_batched_tokens, self.pages_per_seq)
         self.pools = tuple(paged_buffers(cfg, self.pool.n_pages, page_size, dtype)
                            for _ in range(cfg.n_layers))
+        if mesh is not None:
+            self.pools = jax.tree.map(lambda b: jax.device_put(b, pool_sharding(mesh, b)),
+                                      self.pools)
         self.tokenizer, self.prefix_sharing = tokenizer, prefix_sharing
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: dict[str, _Seq] = {}
@@ -141,6 +177,25 @@ class Scheduler:
         self._order = itertools.count()
         self.shapes: set[tuple] = set()    # (m, c, table width) or ("decode", K, width)
         self.counts = collections.Counter()   # prefix_hit_tokens, preemptions, tokens
+
+    def _check_speculative(self, spec: Speculative | None) -> Speculative | None:
+        if spec is None:
+            return None
+        spec.check(self.cfg)
+        if spec.source != "lookup":
+            raise ValueError(f"the paged scheduler (and so the server) speculates with prompt "
+                             f"lookup only; source {spec.source!r} runs in "
+                             f"jaxlm.infer.Engine (python -m jaxlm.infer)")
+        return spec
+
+    @property
+    def n_adapters(self) -> int:
+        """Adapters requests may name (0: the base model only)."""
+        return self.served.n
+
+    def _on_mesh(self):
+        """The mesh in context while tracing, so MoE layers run expert-parallel."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -171,6 +226,11 @@ class Scheduler:
             raise ValueError(f"stop tokens must be ids in [0, {self.vocab_size})")
         if req.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model serves token ids only")
+        if not isinstance(req.adapter, (int, np.integer)) or not -1 <= req.adapter < self.served.n:
+            have = (f"adapters 0..{self.served.n - 1}" if self.served.n
+                    else "no adapters (Scheduler(lm, adapters=[...]))")
+            raise ValueError(f"adapter {req.adapter!r} does not exist: this scheduler has "
+                             f"{have}; -1 is the base model")
 
     def submit(self, req: Request) -> None:
         self.check(req)
@@ -197,7 +257,12 @@ class Scheduler:
         return len(self.shapes)
 
     def stats(self) -> dict:
-        return {"waiting": len(self.waiting), "running": len(self.running),
+        spec = {}
+        if self.spec is not None:
+            rounds, c = self.counts["spec_rounds"], self.counts
+            spec = {"spec_rounds": rounds, "spec_drafted": c["spec_drafted"],
+                    "spec_accepted": c["spec_accepted"], "spec_emitted": c["spec_emitted"]}
+        return {**spec, "waiting": len(self.waiting), "running": len(self.running),
                 "pages_used": self.pool.in_use, "pages_total": self.pool.n_pages,
                 "pages_cached": len(self.pool.cached),
                 "tokens_total": self.counts["tokens"],
@@ -213,8 +278,11 @@ class Scheduler:
         work, copies = self._schedule()
         if not work:
             return []
-        if self.decode_steps > 1 and not copies and all(
-                k == 1 and seq.computed + 1 == len(seq.tokens) for seq, k in work):
+        decoding = not copies and all(k == 1 and seq.computed + 1 == len(seq.tokens)
+                                      for seq, k in work)
+        if decoding and self.spec is not None:
+            return self._verify_run([seq for seq, _ in work])
+        if decoding and self.decode_steps > 1:
             return self._decode_run([seq for seq, _ in work])
         sampled = self._run(work, copies)
         events = []
@@ -313,9 +381,16 @@ class Scheduler:
         seq.row = -1
 
     def _extend_keys(self, seq: _Seq) -> None:
+        """Keys of seq's full pages; the chain starts from its adapter (other K/V)."""
         z, have = self.page_size, len(seq.keys)
         full = seq.tokens[have * z:len(seq.tokens) // z * z]
-        seq.keys += page_keys(full, z, seq.keys[-1] if seq.keys else b"")
+        root = b"" if seq.req.adapter == -1 else f"adapter {seq.req.adapter}".encode()
+        seq.keys += page_keys(full, z, seq.keys[-1] if seq.keys else root)
+
+    def _model_id(self, seq: _Seq) -> int:
+        """seq's index in the model's stacked adapters (-1: none)."""
+        a = seq.req.adapter
+        return -1 if a == -1 or not self.stacked else int(self.served.model_ids[a])
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Full computed pages become findable by their prefix key."""
@@ -365,7 +440,7 @@ class Scheduler:
         m, c = self.menu.segment([k for _, k in chunks]) if chunks else (0, 0)
         width = self.menu.table_width(max(len(seq.pages) for seq, _ in work))
         self.shapes.add((m, c, width))
-        x = MixedInputs.empty(n, m, c, width, self.pool.n_pages)
+        x = MixedInputs.empty(n, m, c, width, self.pool.n_pages, self.stacked)
         segments = x.pages.segments
         for i, (a, b) in enumerate(copies):
             x.copy_src[i], x.copy_dst[i] = a, b
@@ -378,13 +453,16 @@ class Scheduler:
             page_ids = np.asarray(seq.pages, np.int32)
             x.tokens[i:i + k] = seq.tokens[seq.computed:seq.computed + k]
             x.positions[i:i + k] = pos
+            if self.stacked:
+                x.adapters[i:i + k] = self._model_id(seq)
             x.pages.slots[i:i + k] = page_ids[pos // z] * z + pos % z
             seg.block_tables[row, :len(page_ids)] = page_ids
             seg.kv_lengths[row], x.last[r] = seq.computed + k, i + k - 1
             if seq.computed + k == len(seq.tokens):
                 sampling_rows.append(r)
                 x.sampling.set(r, seq.req, len(seq.generated))
-        out, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
+        with self._on_mesh():
+            out, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
         out = np.asarray(out)
         return {r: int(out[r]) for r in sampling_rows}
 
@@ -398,14 +476,17 @@ class Scheduler:
             self._reserve(seq, min(seq.computed + room, self.pages_per_seq * z))
         width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
         self.shapes.add(("decode", steps, width))
-        x = DecodeInputs.empty(n, width)
+        x = DecodeInputs.empty(n, width, self.stacked)
         for seq in seqs:
             r = seq.row
             x.tokens[r], x.positions[r] = seq.tokens[-1], seq.computed
+            if self.stacked:
+                x.adapters[r] = self._model_id(seq)
             x.tables[r, :len(seq.pages)] = seq.pages
             x.lengths[r], x.limits[r] = seq.computed + 1, len(seq.pages) * z
             x.sampling.set(r, seq.req, len(seq.generated))
-        out, self.pools = compiled(self.graphs, steps)(self.weights, self.pools, x)
+        with self._on_mesh():
+            out, self.pools = compiled(self.graphs, steps)(self.weights, self.pools, x)
         out = np.asarray(out)
         events = []
         for seq in seqs:
@@ -419,19 +500,76 @@ class Scheduler:
             events.append(event)
         return events
 
+    def _verify_run(self, seqs) -> list[Event]:
+        """One speculative round for every running sequence (all decoding): drafts by
+        prompt lookup, γ_r ≤ γ per row (fewer near max_tokens, the context's end or when
+        the pool has no page for them), one target forward over γ+1 tokens a row."""
+        n, z, g = self.max_seqs, self.page_size, self.spec.n_draft
+        end = self.pages_per_seq * z
+        plan = {}
+        for seq in seqs:
+            want = min(g, seq.req.max_tokens - len(seq.generated) - 1,
+                       end - seq.computed - 1)
+            self._reserve(seq, seq.computed + 1 + max(want, 0))   # as many as the pool has
+            gamma = max(0, min(want, len(seq.pages) * z - seq.computed - 1))
+            plan[seq.row] = lookup_drafts(seq.tokens, self.spec.ngram, gamma)
+        width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
+        self.shapes.add(("verify", g, width))
+        x = VerifyInputs.empty(n, g, width, self.stacked)
+        rows = x.pages.segments[0]
+        for seq in seqs:
+            r, drafts = seq.row, plan[seq.row]
+            k = len(drafts) + 1
+            pos = seq.computed + np.arange(k)
+            page_ids = np.asarray(seq.pages, np.int32)
+            i = r * (g + 1)
+            x.tokens[i:i + k] = [seq.tokens[-1], *drafts]
+            x.positions[i:i + g + 1] = seq.computed + np.arange(g + 1)
+            x.pages.slots[i:i + k] = page_ids[pos // z] * z + pos % z
+            rows.block_tables[r, :len(page_ids)] = page_ids
+            rows.kv_lengths[r] = seq.computed + k
+            x.drafts[r, :len(drafts)], x.n_draft[r] = drafts, len(drafts)
+            x.sampling.set(r, seq.req, len(seq.generated))
+            if self.stacked:
+                x.adapters[i:i + g + 1] = self._model_id(seq)
+        with self._on_mesh():
+            (accepted, nxt), self.pools = compiled(self.graphs, verify=True)(
+                self.weights, self.pools, x)
+        accepted, nxt = np.asarray(accepted), np.asarray(nxt)
+        events = []
+        for seq in seqs:
+            r, drafts = seq.row, plan[seq.row]
+            a = int(accepted[r])
+            event = self._emit(seq, [*drafts[:a], int(nxt[r])])
+            # K/V are right for the token fed first and the accepted drafts after it
+            seq.computed += len(event.tokens)
+            self.counts.update(spec_rounds=1, spec_drafted=len(drafts), spec_accepted=a,
+                               spec_emitted=len(event.tokens))
+            self._register_full_pages(seq)
+            if event.finished:
+                self._retire(seq)
+            events.append(event)
+        return events
+
     def warmup(self) -> int:
         """Compile every program of the menu now (running each on padding rows, which
         write nothing), so serving never stops to compile. Returns how many."""
-        n = self.max_seqs
+        n, stacked = self.max_seqs, self.stacked
         before = set(self.shapes)
-        for width in self.menu.pages:
-            for m, c in [(0, 0)] + self.menu.prefill:
-                x = MixedInputs.empty(n, m, c, width, self.pool.n_pages)
-                _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
-                self.shapes.add((m, c, width))
-            if self.decode_steps > 1:
-                _, self.pools = compiled(self.graphs, self.decode_steps)(
-                    self.weights, self.pools, DecodeInputs.empty(n, width))
-                self.shapes.add(("decode", self.decode_steps, width))
+        with self._on_mesh():
+            for width in self.menu.pages:
+                for m, c in [(0, 0)] + self.menu.prefill:
+                    x = MixedInputs.empty(n, m, c, width, self.pool.n_pages, stacked)
+                    _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
+                    self.shapes.add((m, c, width))
+                if self.spec is not None:
+                    g = self.spec.n_draft
+                    _, self.pools = compiled(self.graphs, verify=True)(
+                        self.weights, self.pools, VerifyInputs.empty(n, g, width, stacked))
+                    self.shapes.add(("verify", g, width))
+                elif self.decode_steps > 1:
+                    _, self.pools = compiled(self.graphs, self.decode_steps)(
+                        self.weights, self.pools, DecodeInputs.empty(n, width, stacked))
+                    self.shapes.add(("decode", self.decode_steps, width))
         jax.block_until_ready(self.pools)
         return len(self.shapes - before)

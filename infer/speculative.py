@@ -51,6 +51,31 @@ PAD = -1
 SOURCES = ("draft", "lookup", "medusa", "mtp")
 
 
+def lookup_drafts(tokens, max_ngram: int, n_draft: int) -> list[int]:
+    """Prompt lookup on the host, for the paged scheduler: ops.speculative.ngram_propose
+    for one row whose history is `tokens` (prompt and output, the newest last). The
+    tokens that followed the latest earlier occurrence of the last n tokens, for the
+    largest n <= max_ngram that occurs; past the newest token, and with no match, the
+    newest token repeats. n_draft of them (0: none)."""
+    if n_draft <= 0:
+        return []
+    h = np.asarray(tokens, np.int64)
+    last = len(h) - 1
+    best = -1
+    for n in range(min(max_ngram, last + 1), 0, -1):
+        # candidates p in [n-1, last): h[p-i] == h[last-i] for i < n
+        ok = np.ones(last - (n - 1), bool)
+        for i in range(n):
+            ok &= h[n - 1 - i:last - i] == h[last - i]
+        hits = np.flatnonzero(ok)
+        if hits.size:
+            best = int(hits[-1]) + n - 1
+            break
+    start = best + 1 if best >= 0 else last
+    idx = np.minimum(start + np.arange(n_draft), last)
+    return h[idx].tolist()
+
+
 @dataclasses.dataclass(frozen=True)
 class Speculative:
     """The engine's speculative setting. source: one of SOURCES; n_draft: γ, drafts per
@@ -162,25 +187,28 @@ def _prefill(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, toke
     """The prompt through the target (and the draft model, or the MTP modules), the first
     token sampled, the draft source primed: (SpecState, cache)."""
     lm = outer_model(graphs, weights)
+    # Rows of a prefix-tuning adapter start with its P virtual tokens in the cache: the
+    # prompt sits at slots start.., and every slot index below is the cache's.
+    start = cache.lengths
     h, cache = hidden(graphs, weights, tokens, cache)
     h_last = _at(h, lengths - 1)
     first_key, key = jax.random.split(key)
     first = sample(first_key, lm.project(h_last[:, None])[:, 0], sampling)
-    cache = dataclasses.replace(cache, lengths=lengths)
+    cache = dataclasses.replace(cache, lengths=start + lengths)
     b, t = tokens.shape
     history = drafts = None
-    if source == "draft":
+    if source == "draft":   # the draft model has no virtual tokens: its slots start at 0
         _, aux = hidden(dgraphs, dweights, tokens, aux)
         aux = dataclasses.replace(aux, lengths=lengths)
-    elif source == "lookup":
-        history = jnp.zeros((b, cache.max_len + n_draft + 2), jnp.int32)
-        history = _write(history.at[:, :t].set(tokens), first[:, None], lengths)
+    elif source == "lookup":   # by cache slot; virtual slots hold -1, which matches nothing
+        history = jnp.full((b, cache.max_len + n_draft + 2), -1, jnp.int32)
+        history = _write(_write(history, tokens, start), first[:, None], start + lengths)
     elif source == "medusa":
         drafts = _medusa_drafts(lm, h_last, n_draft)
     else:
         nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
         ahead = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], first[:, None], nxt)
-        drafts, aux = _mtp_drafts(lm, h, ahead, lengths, jnp.zeros_like(lengths), aux, n_draft)
+        drafts, aux = _mtp_drafts(lm, h, ahead, lengths, start, aux, n_draft)
     out = jnp.full((b, max_new_tokens + n_draft + 1), PAD, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((b,), jnp.int32)
     state = SpecState(tokens=out, counts=zeros + 1, last=first,
@@ -262,7 +290,7 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
         cache = dataclasses.replace(cache, lengths=start + e)
         drafts_next = st.drafts
         if source == "draft":
-            aux = dataclasses.replace(aux, lengths=start + e)
+            aux = dataclasses.replace(aux, lengths=st.aux.lengths + e)  # its own slots
         elif source == "lookup":
             history = _write(history, emitted, start + 1)
         elif source == "medusa":
@@ -286,47 +314,50 @@ class SpecDecoder:
 
     def __init__(self, engine, spec: Speculative):
         spec.check(engine.cfg)
-        if engine.mesh is not None or engine.n_adapters:
-            raise ValueError("speculative decoding runs on one device without stacked "
-                             "adapters; drop mesh= / adapters= (or merge the adapter)")
         self.engine, self.spec = engine, spec
         self.dgraphs = self.dweights = None
-        if spec.source == "draft":
-            self.dgraphs, self.dweights = split_model(spec.draft, None,
+        if spec.source == "draft":   # laid out over the target's mesh, as its weights are
+            self.dgraphs, self.dweights = split_model(spec.draft, engine.mesh,
                                                       engine.graphs.keep_quantized or None)
         self.stats = None
 
     def _aux_cache(self, batch: int, slots: int):
         e, spec = self.engine, self.spec
         if spec.source == "draft":
-            return DecodeCache.create(self.dgraphs.cfg, batch, slots, e.cache_dtype)
+            return DecodeCache.create(self.dgraphs.cfg, batch, slots, e.cache_dtype, e.mesh)
         if spec.source == "mtp":  # one layer's buffers per MTP module
             cfg = dataclasses.replace(e.cfg, n_layers=e.cfg.mtp_depth, sliding_layers=None,
                                       mlp_only_layers=())
-            return DecodeCache.create(cfg, batch, slots, e.cache_dtype)
+            return DecodeCache.create(cfg, batch, slots, e.cache_dtype, e.mesh)
         return None
 
-    def start(self, prompts, max_new_tokens: int, key, sampling, stops):
-        """Prefill checked prompts; stops: the engine's checked stop-token array."""
+    def start(self, prompts, max_new_tokens: int, key, sampling, stops, adapter_ids=None):
+        """Prefill checked prompts; stops: the engine's checked stop-token array;
+        adapter_ids: each row's adapter (rows of a prefix adapter start P slots in)."""
         e, g = self.engine, self.spec.n_draft
         b = len(prompts)
+        rows = adapter_ids if adapter_ids is not None else [-1] * b
+        virtual = max(e.virtual_tokens(a) for a in rows)
         t = round_up(max(len(p) for p in prompts))
-        slots = round_up(max(t, max(len(p) for p in prompts) + max_new_tokens - 1 + g + 1))
+        slots = round_up(virtual + max(t, max(len(p) for p in prompts) + max_new_tokens - 1
+                                       + g + 1))
         tokens = np.zeros((b, t), np.int32)
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = p
-        return _prefill(e.graphs, e.weights, self.dgraphs, self.dweights, tokens,
-                        np.asarray([len(p) for p in prompts], np.int32), e.new_cache(b, slots),
-                        self._aux_cache(b, slots), key, stops, sampling, self.spec.source, g,
-                        max_new_tokens)
+        with e._on_mesh():
+            return _prefill(e.graphs, e.weights, self.dgraphs, self.dweights, tokens,
+                            np.asarray([len(p) for p in prompts], np.int32),
+                            e.new_cache(b, slots, adapter_ids), self._aux_cache(b, slots),
+                            key, stops, sampling, self.spec.source, g, max_new_tokens)
 
     def decode(self, state, cache, until: int, sampling, stops):
         """Run the loop until every live row has `until` tokens, all are done, or the
         cache is full; records `stats`."""
         e = self.engine
-        state, cache = _decode(e.graphs, e.weights, self.dgraphs, self.dweights, state, cache,
-                               np.int32(until), stops, sampling, self.spec.source,
-                               self.spec.n_draft, self.spec.ngram)
+        with e._on_mesh():
+            state, cache = _decode(e.graphs, e.weights, self.dgraphs, self.dweights, state,
+                                   cache, np.int32(until), stops, sampling, self.spec.source,
+                                   self.spec.n_draft, self.spec.ngram)
         self._record(state)
         return state, cache
 
@@ -338,14 +369,14 @@ class SpecDecoder:
                       "acceptance_rate": float(accepted.sum() / max(total * self.spec.n_draft, 1)),
                       "tokens_per_forward": float((counts.sum() - len(counts)) / max(total, 1))}
 
-    def generate(self, prompts, max_new_tokens, sampling, key, stops):
-        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops)
+    def generate(self, prompts, max_new_tokens, sampling, key, stops, adapter_ids=None):
+        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops, adapter_ids)
         state, cache = self.decode(state, cache, max_new_tokens, sampling, stops)
         tokens, counts = jax.device_get((state.tokens, state.counts))
         return [row[:n].tolist() for row, n in zip(tokens, counts)]
 
-    def stream(self, prompts, max_new_tokens, sampling, key, stops, chunk):
-        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops)
+    def stream(self, prompts, max_new_tokens, sampling, key, stops, chunk, adapter_ids=None):
+        state, cache = self.start(prompts, max_new_tokens, key, sampling, stops, adapter_ids)
         sent = np.zeros(len(prompts), np.int64)
         previous = None
         while True:

@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model.cache import PageIndex, PagedRows
-from jaxlm.ops.sampling import sample_rows
+from jaxlm.model.peft import PeftInputs
+from jaxlm.model.sharding import activation_sharding
+from jaxlm.ops.sampling import greedy, probabilities_rows, sample_rows
+from jaxlm.ops.speculative import greedy_accept, rejection_accept
 
 from .forward import loop_weights, outer_model, paged_hidden
 
@@ -56,15 +59,59 @@ class RowSampling:
             self.top_p[r], self.min_p[r] = s.top_p or 1.0, s.min_p or 0.0
         self.seeds[r], self.counters[r] = request.seed % (1 << 31), generated
 
-    def sample(self, logits, offset=0):
-        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(
+    def keys(self, offset=0):
+        return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(
             self.seeds, self.counters + offset)
-        return sample_rows(keys, logits, self.temperature, self.top_k, self.top_p,
-                           self.min_p)
+
+    def sample(self, logits, offset=0):
+        return sample_rows(self.keys(offset), logits, self.temperature, self.top_k,
+                           self.top_p, self.min_p)
+
+    def verify(self, drafts, n_draft, logits):
+        """Speculative verification, each row with its own settings: drafts [n,γ] (the
+        first n_draft [n] real; drafts come without probabilities, so q is one-hot),
+        logits [n,γ+1,v] at the verified positions. Greedy rows accept the drafts that
+        equal the target's argmax; sampled rows follow the rejection rule on their own
+        filtered distribution (ops.speculative), so outputs keep the target's
+        distribution. (accepted n [n], the token after them [n])."""
+        g = drafts.shape[1]
+        cols = jnp.arange(g)[None]
+        real = cols < n_draft[:, None]
+        # a padded draft column can never be accepted: -1 is no token
+        drafts = jnp.where(real, drafts, -1)
+        n_greedy, next_greedy = greedy_accept(drafts, greedy(logits))
+
+        def sampled(_):
+            rep = lambda a: jnp.repeat(a, g + 1)  # noqa: E731  (settings per position)
+            p = probabilities_rows(logits.reshape(-1, logits.shape[-1]),
+                                   rep(self.temperature), rep(self.top_k), rep(self.top_p),
+                                   rep(self.min_p)).reshape(logits.shape)
+            one = jax.vmap(lambda k, d, q: rejection_accept(k, d[None], q[None]))
+            n, nxt = one(self.keys(), jnp.maximum(drafts, 0), p)
+            n = jnp.minimum(n[:, 0], n_draft)   # columns past n_draft were rejected
+            # a row cut short draws its next token from p at n (the rule's bonus draw)
+            at_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+            bonus = jax.vmap(lambda k, q: jax.random.categorical(
+                jax.random.fold_in(k, 1), jnp.log(q)))(self.keys(), at_n)
+            return n, jnp.where(n < n_draft, nxt[:, 0], bonus.astype(jnp.int32))
+        hot = self.temperature > 0
+        n_s, next_s = jax.lax.cond(jnp.any(hot), sampled,
+                                   lambda _: (n_greedy, next_greedy), None)
+        return jnp.where(hot, n_s, n_greedy), jnp.where(hot, next_s, next_greedy)
+
+
+def _adapter_ids(n: int, stacked: bool):
+    """Per-token (or per-row) stacked-adapter ids, -1: none; None without stacked
+    adapters, so the plain model's programs get no added op."""
+    return np.full(n, -1, np.int32) if stacked else None
+
+
+def _peft(ids):
+    return None if ids is None else PeftInputs(ids=ids[None])
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "tokens", "positions", "pages", "last", "sampling", "copy_src", "copy_dst"],
+    "tokens", "positions", "pages", "last", "sampling", "copy_src", "copy_dst", "adapters"],
     meta_fields=[])
 @dataclasses.dataclass
 class MixedInputs:
@@ -75,21 +122,27 @@ class MixedInputs:
     sampling: RowSampling
     copy_src: jax.Array      # [n] pages copied before the step (copy-on-write) ...
     copy_dst: jax.Array      # [n] ... into these (P, out of range: no copy)
+    adapters: jax.Array | None = None   # [T] each token's stacked adapter (−1: none)
 
     @classmethod
-    def empty(cls, n: int, m: int, c: int, width: int, n_pages: int) -> "MixedInputs":
+    def empty(cls, n: int, m: int, c: int, width: int, n_pages: int,
+              stacked: bool = False) -> "MixedInputs":
         """All padding (writes nothing, copies nothing): n decode rows, m × c prefill."""
         t = n + m * c
-        rows = lambda b, q: PagedRows(np.zeros((b, width), np.int32),  # noqa: E731
-                                      np.zeros(b, np.int32), q)
-        segments = (rows(n, 1),) + ((rows(m, c),) if m else ())
+        segments = (_rows(n, 1, width),) + ((_rows(m, c, width),) if m else ())
         return cls(np.zeros(t, np.int32), np.zeros(t, np.int32),
                    PageIndex(np.full(t, -1, np.int32), segments), np.zeros(n, np.int32),
-                   RowSampling.empty(n), np.zeros(n, np.int32), np.full(n, n_pages, np.int32))
+                   RowSampling.empty(n), np.zeros(n, np.int32), np.full(n, n_pages, np.int32),
+                   _adapter_ids(t, stacked))
+
+
+def _rows(b: int, queries: int, width: int) -> PagedRows:
+    return PagedRows(np.zeros((b, width), np.int32), np.zeros(b, np.int32), queries)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "tokens", "positions", "tables", "lengths", "limits", "sampling"], meta_fields=[])
+    "tokens", "positions", "tables", "lengths", "limits", "sampling", "adapters"],
+    meta_fields=[])
 @dataclasses.dataclass
 class DecodeInputs:
     tokens: jax.Array        # [n] each row's last known token (fed first)
@@ -98,22 +151,64 @@ class DecodeInputs:
     lengths: jax.Array       # [n]
     limits: jax.Array        # [n] slots the row's pages hold: writes stop there
     sampling: RowSampling
+    adapters: jax.Array | None = None   # [n] each row's stacked adapter (−1: none)
 
     @classmethod
-    def empty(cls, n: int, width: int) -> "DecodeInputs":
+    def empty(cls, n: int, width: int, stacked: bool = False) -> "DecodeInputs":
         """All rows idle (length 0: they write nothing)."""
         zeros = lambda: np.zeros(n, np.int32)  # noqa: E731
         return cls(zeros(), zeros(), np.zeros((n, width), np.int32), zeros(), zeros(),
-                   RowSampling.empty(n))
+                   RowSampling.empty(n), _adapter_ids(n, stacked))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=[
+    "tokens", "positions", "pages", "drafts", "n_draft", "sampling", "adapters"],
+    meta_fields=[])
+@dataclasses.dataclass
+class VerifyInputs:
+    """One speculative round for every decoding row: row r feeds its newest token and
+    γ drafts (n_draft[r] real ones; the rest write nowhere) at positions computed..."""
+    tokens: jax.Array        # [n·(γ+1)] row-major
+    positions: jax.Array     # [n·(γ+1)]
+    pages: PageIndex         # one segment of n rows × (γ+1) queries
+    drafts: jax.Array        # [n, γ]
+    n_draft: jax.Array       # [n]
+    sampling: RowSampling
+    adapters: jax.Array | None = None   # [n·(γ+1)]
+
+    @classmethod
+    def empty(cls, n: int, g: int, width: int, stacked: bool = False) -> "VerifyInputs":
+        t = n * (g + 1)
+        return cls(np.zeros(t, np.int32), np.zeros(t, np.int32),
+                   PageIndex(np.full(t, -1, np.int32), (_rows(n, g + 1, width),)),
+                   np.zeros((n, g), np.int32), np.zeros(n, np.int32), RowSampling.empty(n),
+                   _adapter_ids(t, stacked))
+
+
+def pool_sharding(mesh, buf):
+    """A page pool [P,z,k,d] (or its int8 scales [P,z,k,1]) over a mesh: kv heads over
+    'tensor' where they split, everything else whole on every device."""
+    return activation_sharding(mesh, [None, None, "kv_heads", None], buf.shape,
+                               what="KV page pool")
+
+
+def _pinned(graphs, pools):
+    """The pools where they were placed (and donated): under a mesh, XLA could otherwise
+    hand them back with another layout, which the next call would compile again for."""
+    if graphs.mesh is None:
+        return pools
+    return jax.tree.map(lambda b: jax.lax.with_sharding_constraint(
+        b, pool_sharding(graphs.mesh, b)), pools)
 
 
 def _mixed(graphs, weights, pools, x: MixedInputs):
     pools = tuple(tuple(buf.at[x.copy_dst].set(buf[x.copy_src], mode="drop") for buf in layer)
                   for layer in pools)
     h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
-                            x.pages)
-    logits = outer_model(graphs, weights).project(h[:, x.last])[0]          # [n,v]
-    return x.sampling.sample(logits), pools
+                            x.pages, _peft(x.adapters))
+    last = None if x.adapters is None else x.adapters[x.last]
+    logits = outer_model(graphs, weights).project(h[:, x.last], _peft(last))[0]   # [n,v]
+    return x.sampling.sample(logits), _pinned(graphs, pools)
 
 
 def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
@@ -129,22 +224,39 @@ def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
         lengths = jnp.where(live, jnp.minimum(pos + 1, x.limits), 0)
         index = PageIndex(slots, (PagedRows(x.tables, lengths, 1),))
         w = loop_weights(graphs, weights, i)
-        h, pools = paged_hidden(graphs, w, tokens[None], pos[None], pools, index)
-        new = x.sampling.sample(outer_model(graphs, w).project(h)[0], i)
-        return new, pools, out.at[i].set(new)
+        h, pools = paged_hidden(graphs, w, tokens[None], pos[None], pools, index,
+                                _peft(x.adapters))
+        logits = outer_model(graphs, w).project(h, _peft(x.adapters))[0]
+        new = x.sampling.sample(logits, i)
+        return new, _pinned(graphs, pools), out.at[i].set(new)
 
     out = jnp.zeros((steps, x.tokens.shape[0]), jnp.int32)
     _, pools, out = jax.lax.fori_loop(0, steps, body, (x.tokens, pools, out))
     return out, pools
 
 
+def _verify(graphs, weights, pools, x: VerifyInputs):
+    """Target logits at every fed position, then each row's accepted count and next token
+    (RowSampling.verify)."""
+    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
+                            x.pages, _peft(x.adapters))
+    logits = outer_model(graphs, weights).project(h, _peft(x.adapters))[0]    # [n(γ+1),v]
+    n, g = x.drafts.shape
+    accepted, nxt = x.sampling.verify(x.drafts, x.n_draft, logits.reshape(n, g + 1, -1))
+    return (accepted, nxt), _pinned(graphs, pools)
+
+
 @functools.lru_cache(maxsize=8)
-def compiled(graphs, steps: int = 0):
+def compiled(graphs, steps: int = 0, verify: bool = False):
     """The jitted program with the model's graphs bound (as a static jit argument they
     would be hashed every step, ~1 ms); cached, so schedulers of one model share them.
-    steps 0: mixed_step; K: decode_steps over K tokens."""
-    fn = functools.partial(_decode, graphs, steps) if steps else functools.partial(_mixed,
-                                                                                   graphs)
+    steps 0: mixed_step; K: decode_steps over K tokens; verify: a speculative round."""
+    if verify:
+        fn = functools.partial(_verify, graphs)
+    elif steps:
+        fn = functools.partial(_decode, graphs, steps)
+    else:
+        fn = functools.partial(_mixed, graphs)
     return jax.jit(fn, donate_argnums=(1,))
 
 
@@ -171,7 +283,7 @@ class Shapes:
         top = max(chunks, default=0)
         return max((c for m, c in self.prefill if m > len(chunks) and c >= top), default=0)
 
-    def count(self, decode_steps: int) -> int:
+    def count(self, decode_steps: int, speculative: bool = False) -> int:
         """Programs in the menu: per table width, each prefill shape, decode only as a
-        mixed step (m = 0), and decode_steps when K > 1."""
-        return len(self.pages) * (len(self.prefill) + 1 + (decode_steps > 1))
+        mixed step (m = 0), and a speculative round, else decode_steps when K > 1."""
+        return len(self.pages) * (len(self.prefill) + 1 + (speculative or decode_steps > 1))

@@ -43,10 +43,12 @@ def lora_delta(x, a, b, scale):
 
 def lora_delta_rows(x, a, b, scales, ids):
     """Each batch row's own adapter: s[i]·(x·A[i])·B[i] with i = ids[row], nothing where
-    ids[row] < 0. x [b, .., *in]; a [n, *in, r]; b [n, r, *out]; scales [n]; ids [b].
-    Adapters of different ranks are stacked zero-padded to the largest (exact: the
-    padded rank components contribute 0)."""
+    ids[row] < 0. x [b, .., *in]; a [n, *in, r]; b [n, r, *out]; scales [n]; ids [b], or
+    [b,t] (one adapter per token: lora_delta_tokens). Adapters of different ranks are
+    stacked zero-padded to the largest (exact: the padded rank components contribute 0)."""
     n_in = a.ndim - 2
+    if ids.ndim == 2:
+        return lora_delta_tokens(x, a, b, scales, ids)
     none = ids < 0
     pick = jnp.where(none, 0, ids)
     a_rows = jnp.take(a, pick, axis=0).astype(x.dtype)           # [b, *in, r]
@@ -59,6 +61,28 @@ def lora_delta_rows(x, a, b, scales, ids):
     out = jax.lax.dot_general(h, b_rows, (((2,), (1,)), ((0,), (0,))))  # [b, m, *out]
     out = out * s.reshape(-1, *([1] * (out.ndim - 1)))
     return out.reshape(*x.shape[:1 + lead], *b.shape[2:])
+
+
+def _token_mask(ids, n: int, scales=None):
+    """ids [b,t] → [b·t, n]: one-hot of each token's adapter (zero row where ids < 0),
+    times its scale when scales [n] are given."""
+    mask = jax.nn.one_hot(ids.reshape(-1), n, dtype=jnp.float32)   # -1 → all zeros
+    return mask if scales is None else mask * jnp.asarray(scales, jnp.float32)
+
+
+def lora_delta_tokens(x, a, b, scales, ids):
+    """One adapter per token: x [b,t,*in], ids [b,t] (a continuous batch packs tokens of
+    many requests into one row). Every token goes through every stacked A (r is small),
+    then its own B alone, picked by a scaled one-hot: gathering each token's A and B
+    instead would copy n·(in+out)·r weights per token."""
+    n, n_in = a.shape[0], a.ndim - 2
+    xs = x.reshape(-1, *x.shape[x.ndim - n_in:])                 # [m, *in]
+    in_dims = tuple(range(1, 1 + n_in))
+    h = jax.lax.dot_general(xs, a.astype(x.dtype),
+                            ((in_dims, tuple(range(1, 1 + n_in))), ((), ())))  # [m, n, r]
+    h = h * _token_mask(ids, n, scales).astype(x.dtype)[..., None]
+    out = jnp.tensordot(h, b.astype(x.dtype), axes=((1, 2), (0, 1)))   # [m, *out]
+    return out.reshape(*x.shape[:x.ndim - n_in], *b.shape[2:])
 
 
 def lora_weight_delta(a, b, scale, lead: int = 0):
@@ -90,7 +114,11 @@ def bottleneck(x, down, up, activation: str, down_bias=None, up_bias=None):
 
 def bottleneck_rows(x, down, up, activation: str, down_bias, up_bias, ids):
     """Each row's own bottleneck adapter (stacked [n, ..] and zero-padded to the widest),
-    the identity where ids[row] < 0. x [b, .., d]."""
+    the identity where ids[row] < 0. x [b, .., d]; ids [b], or [b,t]: one per token."""
+    if ids.ndim == 2:   # per token: each token's row of the stack is its own "batch row"
+        flat = bottleneck_rows(x.reshape(-1, 1, x.shape[-1]), down, up, activation,
+                               down_bias, up_bias, ids.reshape(-1))
+        return flat.reshape(x.shape)
     none = ids < 0
     pick = jnp.where(none, 0, ids)
     take = lambda p: jnp.take(p, pick, axis=0).astype(x.dtype)  # noqa: E731

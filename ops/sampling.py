@@ -166,16 +166,32 @@ def sample_rows(keys, logits, temperature, top_k, top_p, min_p):
     the settings are data here, not static, so each row's k is a mask on the sorted list.
     When every row is greedy the sort is skipped at run time (lax.cond)."""
     def draw(_):
-        t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        cand, idx = jax.lax.top_k(logits.astype(jnp.float32) / t, logits.shape[-1])
-        rank = jnp.arange(cand.shape[-1])[None]
-        keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-        probs = jax.nn.softmax(jnp.where(keep, cand, NEG_INF), axis=-1)
-        # top_p >= 1 is off: the mass before a tail token may round up to 1.0.
-        keep &= ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
-        # p_i / p_max = exp(l_i - l_max) whatever the normalisation, as min_p_logits keeps.
-        keep &= jnp.exp(cand - cand[:, :1]) >= min_p[:, None]
-        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, cand, NEG_INF))
+        cand, idx = _filtered_rows(logits, temperature, top_k, top_p, min_p)
+        choice = jax.vmap(jax.random.categorical)(keys, cand)
         drawn = jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy(logits))
     return jax.lax.cond(jnp.any(temperature > 0), draw, lambda _: greedy(logits), None)
+
+
+def _filtered_rows(logits, temperature, top_k, top_p, min_p):
+    """Each row's logits after its own temperature → top-k → top-p → min-p, in descending
+    order: (filtered logits [b,v] (NEG_INF where dropped), their token ids [b,v])."""
+    t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    cand, idx = jax.lax.top_k(logits.astype(jnp.float32) / t, logits.shape[-1])
+    rank = jnp.arange(cand.shape[-1])[None]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = jax.nn.softmax(jnp.where(keep, cand, NEG_INF), axis=-1)
+    # top_p >= 1 is off: the mass before a tail token may round up to 1.0.
+    keep &= ((jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]) | (top_p[:, None] >= 1)
+    # p_i / p_max = exp(l_i - l_max) whatever the normalisation, as min_p_logits keeps.
+    keep &= jnp.exp(cand - cand[:, :1]) >= min_p[:, None]
+    return jnp.where(keep, cand, NEG_INF), idx
+
+
+def probabilities_rows(logits, temperature, top_k, top_p, min_p):
+    """The distributions sample_rows draws from, [b,v] in token order (rows with
+    temperature 0 get their temperature-1 filtered distribution: callers treat greedy
+    rows apart). What speculative verification needs per row."""
+    cand, idx = _filtered_rows(logits, temperature, top_k, top_p, min_p)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(cand.shape, jnp.float32).at[rows, idx].set(jax.nn.softmax(cand, -1))

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from helpers import adapted_lm, tiny_lm
+
 from jaxlm.infer import Engine
 from jaxlm.infer import engine as engine_mod
 from jaxlm.infer.cli import main
@@ -26,34 +28,6 @@ GPT2 = preset("gpt2", vocab_size=V, d_model=32, n_layers=2, n_heads=4, ffn_dim=6
               max_position=64, init_std=0.2)
 N = 8  # new tokens
 RNG = np.random.default_rng(0)
-
-
-def tiny_lm(cfg: Config, seed: int = 0):
-    """A CausalLM with numpy-drawn weights (no per-shape jax.random compiles)."""
-    graph, state = nnx.split(abstract_model(cfg))
-    rng = np.random.default_rng(seed)
-    cpu = jax.devices()[0]
-    state = jax.tree.map(lambda x: jax.device_put(rng.normal(0, cfg.init_std, x.shape)
-                                                  .astype(x.dtype), cpu), state)
-    return nnx.merge(graph, state)
-
-
-def adapted_lm(base, spec, seed: int, std: float = 0.2):
-    """base (its very Variables) with `spec` attached and every adapter weight random, as
-    a trained adapter would be (LoRA B ≠ 0, bottleneck up ≠ 0)."""
-    shapes = nnx.eval_shape(lambda: P.attach(nnx.merge(*nnx.split(base)), spec))
-    graph, state = nnx.split(shapes)
-    known = dict(nnx.to_flat_state(nnx.state(base)))
-    rng = np.random.default_rng(seed)
-    cpu = jax.devices()[0]
-
-    def fill(path, var):
-        if isinstance(var, P.Adapter):
-            return var.replace(jax.device_put(rng.normal(0, std, var.shape).astype(var.dtype),
-                                              cpu))
-        return known[path]
-    return nnx.merge(graph, nnx.from_flat_state([(p, fill(p, v))
-                                                 for p, v in nnx.to_flat_state(state)]))
 
 
 def full_logits(lm, rows):

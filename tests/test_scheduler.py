@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import pytest
 from scipy import stats
 
+from helpers import drive
+
 from jaxlm.infer import generate
 from jaxlm.infer.pages import PagePool, page_keys
 from jaxlm.infer.scheduler import Request, Scheduler
@@ -21,22 +23,6 @@ from jaxlm.ops.sampling import Sampling, probabilities, sample_rows
 CFG = Config(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
              max_position=96, init_std=0.3)
 LM = create(CFG, 0)
-
-
-def drive(sched, arrivals, cancel_at=None, max_steps=2000):
-    """Submit each request at its arrival step; run until done. {id: tokens}."""
-    out = {r.id: [] for _, r in arrivals}
-    pending, step = sorted(arrivals, key=lambda a: a[0]), 0
-    while pending or sched.has_work:
-        while pending and pending[0][0] <= step:
-            sched.submit(pending.pop(0)[1])
-        for e in sched.step():
-            out[e.id] += e.tokens
-        if cancel_at and step in cancel_at:
-            sched.cancel(cancel_at[step])
-        step += 1
-        assert step < max_steps
-    return out
 
 
 def reference(lm, reqs):
