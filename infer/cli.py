@@ -73,6 +73,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunk", type=int, default=8, help="decode steps between prints")
     p.add_argument("--bench", action="store_true",
                    help="print prefill/decode tokens/s, time to first token, cache memory")
+    add_spec_args(p)
+    add_mesh_arg(p)
+    p.add_argument("--coordinator", default="", metavar="HOST:PORT",
+                   help="multi-host: process 0's address (or 'auto'); every host runs the "
+                   "same command with its own --process-id")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def add_spec_args(p) -> None:
+    """The speculative-decoding flags (the server takes them too)."""
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", metavar="RUN_OR_HF_DIR", help="speculative decoding with "
                       "this smaller model (same vocabulary) drafting")
@@ -85,14 +97,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spec-tokens", type=int, metavar="GAMMA", help="draft tokens per "
                    "target forward (default 4; --medusa/--mtp: the model's head count, "
                    "at most 4)")
+
+
+def check_spec_args(args) -> None:
+    if args.spec_tokens is not None and args.spec_tokens < 1:
+        raise ValueError(f"--spec-tokens must be positive, got {args.spec_tokens}")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise ValueError(f"--prompt-lookup N must be positive, got {args.prompt_lookup}")
+    if args.spec_tokens is not None and not speculating(args):
+        raise ValueError("--spec-tokens needs a draft source: --draft, --prompt-lookup, "
+                         "--medusa or --mtp")
+    if args.draft and not os.path.isdir(args.draft):
+        raise ValueError(f"--draft {args.draft!r} is not a directory; pass a run or a "
+                         f"Hugging Face model directory")
+
+
+def add_mesh_arg(p) -> None:
     p.add_argument("--mesh", metavar="SPEC", help="shard over devices, e.g. data=2,tensor=4 "
                    "(axes data, fsdp, tensor, expert, sequence)")
-    p.add_argument("--coordinator", default="", metavar="HOST:PORT",
-                   help="multi-host: process 0's address (or 'auto'); every host runs the "
-                   "same command with its own --process-id")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
-    return p.parse_args(argv)
+
+
+def check_mesh_arg(args) -> None:
+    if args.mesh:
+        from jaxlm.model.sharding import parse_mesh_spec
+        try:
+            parse_mesh_spec(args.mesh)
+        except ValueError as e:
+            raise ValueError(f"--mesh: {e}") from None
 
 
 def add_quant_args(p) -> None:
@@ -139,30 +170,14 @@ def check_args(args) -> None:
         raise ValueError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if args.chunk < 1:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
-    if args.spec_tokens is not None and args.spec_tokens < 1:
-        raise ValueError(f"--spec-tokens must be positive, got {args.spec_tokens}")
-    if args.prompt_lookup is not None and args.prompt_lookup < 1:
-        raise ValueError(f"--prompt-lookup N must be positive, got {args.prompt_lookup}")
-    if args.spec_tokens is not None and not speculating(args):
-        raise ValueError("--spec-tokens needs a draft source: --draft, --prompt-lookup, "
-                         "--medusa or --mtp")
-    if speculating(args) and (args.adapter or args.mesh):
-        raise ValueError("speculative decoding runs without --adapter and --mesh")
-    if args.draft and not os.path.isdir(args.draft):
-        raise ValueError(f"--draft {args.draft!r} is not a directory; pass a run or a "
-                         f"Hugging Face model directory")
+    check_spec_args(args)
     if args.max_len is not None and args.max_len < 2:
         raise ValueError(f"--max-len must be at least 2, got {args.max_len}")
     check_quant_args(args)
     if args.save_quantized and os.path.exists(os.path.join(args.save_quantized, "run.json")):
         raise ValueError(f"--save-quantized {args.save_quantized!r} already holds a run; "
                          f"pick a new directory")
-    if args.mesh:
-        from jaxlm.model.sharding import parse_mesh_spec
-        try:
-            parse_mesh_spec(args.mesh)
-        except ValueError as e:
-            raise ValueError(f"--mesh: {e}") from None
+    check_mesh_arg(args)
     try:
         Sampling(args.temperature, args.top_k, args.top_p, args.min_p)
     except ValueError as e:  # name the flag, not the field

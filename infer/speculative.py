@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm.model.peft import PeftInputs
 from jaxlm.ops.sampling import Sampling, greedy, probabilities, sample
 from jaxlm.ops.speculative import accept, ngram_propose
 
@@ -135,6 +136,11 @@ class SpecState:
     accepted: jax.Array
 
 
+def _peft(cache: DecodeCache):
+    """The rows' stacked adapters for the LM head (a LoRA may target lm_head)."""
+    return None if cache.peft_ids is None else PeftInputs(ids=cache.peft_ids)
+
+
 def _at(x, idx):
     """x [b,t,...] at per-row index idx [b] → [b,...]."""
     idx = idx.reshape(idx.shape + (1,) * (x.ndim - 1)).astype(jnp.int32)
@@ -193,7 +199,7 @@ def _prefill(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, toke
     h, cache = hidden(graphs, weights, tokens, cache)
     h_last = _at(h, lengths - 1)
     first_key, key = jax.random.split(key)
-    first = sample(first_key, lm.project(h_last[:, None])[:, 0], sampling)
+    first = sample(first_key, lm.project(h_last[:, None], _peft(cache))[:, 0], sampling)
     cache = dataclasses.replace(cache, lengths=start + lengths)
     b, t = tokens.shape
     history = drafts = None
@@ -275,7 +281,7 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
             drafts = st.drafts
         h, cache = hidden(graphs, weights_, jnp.concatenate([st.last[:, None], drafts], 1),
                           cache)
-        n, nxt = accept(k_accept, drafts, lm.project(h), sampling, q)
+        n, nxt = accept(k_accept, drafts, lm.project(h, _peft(cache)), sampling, q)
         emitted = jnp.where(cols < n[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
                             nxt[:, None])                                        # [b,γ+1]
         # A row emits the accepted drafts and the target's token, cut after a stop token

@@ -4,10 +4,20 @@ Scheduler.
     python -m jaxlm.serve --hf ~/models/Qwen3-0.6B --port 8000
     python -m jaxlm.serve --checkpoint runs/tiny --model-name tiny --api-key secret
     python -m jaxlm.serve --hf DIR --adapter PEFT_DIR --kv-memory 2GiB --max-seqs 32
+    python -m jaxlm.serve --hf DIR --lora-modules sql=PEFT_DIR_A chat=PEFT_DIR_B \
+        --prompt-lookup 3 --mesh tensor=2
 
---adapter serves one PEFT adapter: a LoRA is folded into the weights (merged once at
-load, so decode costs what the base model's does), a bottleneck adapter runs as it is;
-prefix tuning is refused (the paged scheduler has no pages for its virtual tokens). Prints
+--adapter serves one PEFT adapter as the model itself: a LoRA is folded into the weights
+(merged once at load, so decode costs what the base model's does; over quantized weights,
+QLoRA, it runs unmerged), a bottleneck adapter runs as it is. --lora-modules NAME=DIR ...
+serves several (vLLM's flag): a request's `model` field picks one by NAME (the base's own
+name picks the base), /v1/models lists them with the base as `parent`, and rows of
+different adapters share one compiled step. Prefix tuning is refused (the paged scheduler
+has no pages for its virtual tokens yet; python -m jaxlm.infer serves it). --prompt-lookup N
+(with --spec-tokens γ) decodes speculatively inside the continuous batch; /metrics then
+reports the acceptance rate and tokens per target forward. --mesh shards the weights and
+the KV pages over this host's devices (tensor: heads and kv heads; expert: MoE experts).
+Prints
 "serving NAME on http://HOST:PORT" once it accepts connections (--port 0 picks a free
 port, and the line tells which). SIGTERM or Ctrl-C stops accepting, lets running requests
 finish for up to --shutdown-timeout seconds, cancels the rest and exits 0. Bad flags end
@@ -34,11 +44,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--hf", metavar="DIR", help="a local Hugging Face model directory")
     src.add_argument("--checkpoint", metavar="RUN_DIR", help="a `python -m jaxlm.train` run")
     p.add_argument("--step", type=int, help="checkpoint step (default: latest)")
-    p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT adapter directory (LoRA: merged)")
+    p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT adapter directory served as "
+                   "the model itself (LoRA: merged)")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", help="PEFT adapters "
+                   "requests pick by `model` NAME (LoRA and bottleneck; served unmerged)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's)")
-    from jaxlm.infer.cli import add_quant_args
+    from jaxlm.infer.cli import add_mesh_arg, add_quant_args, add_spec_args
     add_quant_args(p)
+    add_spec_args(p)
+    add_mesh_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="0: any free port")
     p.add_argument("--model-name", help="the model id clients send (default: the "
@@ -82,12 +97,40 @@ def check_args(args) -> None:
     if args.kv_memory is not None:
         from jaxlm.model.memory import parse_bytes
         args.kv_memory = parse_bytes(args.kv_memory)
-    from jaxlm.infer.cli import check_quant_args, check_source
+    from jaxlm.infer.cli import (check_mesh_arg, check_quant_args, check_source,
+                                 check_spec_args)
     check_source(args)
     check_quant_args(args)
+    check_spec_args(args)
+    check_mesh_arg(args)
+    if args.draft or args.medusa or args.mtp:
+        raise ValueError("the server speculates with --prompt-lookup N; --draft, --medusa "
+                         "and --mtp run in python -m jaxlm.infer")
+    from jaxlm.model.io.peft import read_peft_config
     if args.adapter:
-        from jaxlm.model.io.peft import read_peft_config
         read_peft_config(args.adapter)
+    args.lora_modules = lora_modules(args.lora_modules)
+    for path in args.lora_modules.values():
+        read_peft_config(path)
+    if args.adapter and args.lora_modules:
+        raise ValueError("--adapter makes one adapter the model itself; with --lora-modules "
+                         "serve it as NAME=DIR too")
+    if args.model_name and args.model_name in args.lora_modules:
+        raise ValueError(f"--lora-modules name {args.model_name!r} is the base model's "
+                         f"--model-name; pick another")
+
+
+def lora_modules(items) -> dict[str, str]:
+    """--lora-modules NAME=DIR ... → {NAME: DIR}, each name once."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--lora-modules takes NAME=DIR pairs, got {item!r}")
+        if name in out:
+            raise ValueError(f"--lora-modules names {name!r} twice")
+        out[name] = path
+    return out
 
 
 def load(args):
@@ -101,7 +144,9 @@ def load(args):
     if args.adapter:
         from jaxlm.model.io.peft import load_peft
         lm = load_peft(lm, args.adapter)
-    if peft.loras(lm):  # --adapter's, or a PEFT run's own: folded in, decode at base cost
+    # --adapter's LoRA, or a PEFT run's own: folded in, decode at base cost; over
+    # quantized weights (a QLoRA run) it stays unmerged, as it was trained
+    if peft.loras(lm) and lm.cfg.weight_quant is None:
         lm = peft.merge(lm)
     if args.quantize:   # the merged weights are the ones quantized
         from jaxlm.model.quant import quantize
@@ -114,11 +159,19 @@ def build_app(args):
 
     from .app import create_app
     from .chat import load_template
+    from jaxlm.infer.cli import speculative
     lm, tokenizer, stops = load(args)
+    mesh = None
+    if args.mesh:
+        from jaxlm.model.sharding import make_mesh
+        mesh = make_mesh(args.mesh)
+    names = list(args.lora_modules)
     sched = Scheduler(lm, tokenizer=tokenizer, page_size=args.page_size,
                       kv_memory=args.kv_memory, max_seqs=args.max_seqs,
                       max_batched_tokens=args.max_batched_tokens, max_len=args.max_len,
-                      decode_steps=args.decode_steps, cache_dtype=args.cache_dtype)
+                      decode_steps=args.decode_steps, cache_dtype=args.cache_dtype,
+                      mesh=mesh, adapters=[args.lora_modules[n] for n in names] or None,
+                      speculative=speculative(args, lm))
     print(f"KV cache: {sched.pool.n_pages} pages of {sched.page_size} tokens = "
           f"{sched.capacity_tokens} tokens", file=sys.stderr, flush=True)
     if not args.no_warmup:
@@ -132,7 +185,8 @@ def build_app(args):
                 else None)
     return create_app(sched, tokenizer=tokenizer, model_name=name, stop_tokens=stops,
                       chat_template=template, api_key=args.api_key,
-                      max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout), name
+                      max_queue=args.max_queue, shutdown_timeout=args.shutdown_timeout,
+                      adapters={n: i for i, n in enumerate(names)}), name
 
 
 def serve(args) -> None:

@@ -4,8 +4,10 @@
     uvicorn.run(app, port=8000)          # the lifespan starts and stops the engine thread
 
 Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-GET /metrics. Errors are OpenAI's {"error": {message, type, param, code}} for every
-status (400 bad request, 401 API key, 404 route, 429 queue full, 503 shutting down).
+GET /metrics. A request's `model` names the base model or one of the adapters the
+scheduler was built with (`adapters={name: index}`, as vLLM's --lora-modules): its rows run
+that adapter; /v1/models lists the base and each adapter with its `parent`. Errors are
+OpenAI's {"error": {message, type, param, code}} for every status (400 bad request, 401 API key, 404 route, 429 queue full, 503 shutting down).
 A client that goes away (closes a stream, drops a connection) has its request cancelled,
 so its KV pages are freed at once rather than when its tokens run out.
 """
@@ -39,16 +41,27 @@ DISCONNECT_POLL = 1.0
 
 def create_app(scheduler, *, tokenizer=None, model_name: str = "jaxlm", stop_tokens=(),
                chat_template: ChatTemplate | None = None, api_key: str | None = None,
-               max_queue: int = 256, shutdown_timeout: float = 10.0) -> FastAPI:
+               max_queue: int = 256, shutdown_timeout: float = 10.0,
+               adapters: dict[str, int] | None = None) -> FastAPI:
     """An app serving `scheduler` (a jaxlm.infer.scheduler.Scheduler). tokenizer None:
     token-id prompts only. stop_tokens end every request (the model's EOS ids).
     chat_template: default the built-in one (chat.DEFAULT_TEMPLATE) when there is a
-    tokenizer. The engine thread runs between the app's startup and shutdown."""
+    tokenizer. adapters: model name → the scheduler's adapter index, for requests that
+    name an adapter. The engine thread runs between the app's startup and shutdown."""
     metrics = Metrics()
     serving = ServingLoop(scheduler, max_queue=max_queue, metrics=metrics)
     if chat_template is None and tokenizer is not None:
         chat_template = ChatTemplate()
-    api = _API(serving, tokenizer, model_name, tuple(stop_tokens), chat_template)
+    adapters = dict(adapters or {})
+    if model_name in adapters:
+        raise ValueError(f"adapter name {model_name!r} is the base model's name; give the "
+                         f"adapter another one")
+    bad = {n: i for n, i in adapters.items()
+           if not 0 <= i < getattr(scheduler, "n_adapters", 0)}
+    if bad:
+        raise ValueError(f"adapters {bad} index no adapter of the scheduler (it has "
+                         f"{getattr(scheduler, 'n_adapters', 0)})")
+    api = _API(serving, tokenizer, model_name, tuple(stop_tokens), chat_template, adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -73,7 +86,7 @@ def create_app(scheduler, *, tokenizer=None, model_name: str = "jaxlm", stop_tok
 
     @app.get("/v1/models", dependencies=auth)
     async def models():
-        return {"object": "list", "data": [api.model_card()]}
+        return {"object": "list", "data": api.model_cards()}
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
@@ -123,14 +136,30 @@ class _API:
     """The endpoints' logic, over one ServingLoop."""
 
     def __init__(self, serving: ServingLoop, tokenizer, model_name: str, stop_tokens,
-                 chat_template):
+                 chat_template, adapters: dict[str, int]):
         self.serving, self.tokenizer, self.model_name = serving, tokenizer, model_name
         self.stop_tokens, self.template = stop_tokens, chat_template
+        self.adapters = adapters
         self.created = int(time.time())
 
-    def model_card(self) -> dict:
-        return {"id": self.model_name, "object": "model", "created": self.created,
-                "owned_by": "jaxlm", "max_model_len": self.serving.sched.max_len}
+    def model_cards(self) -> list[dict]:
+        """The base model, then each adapter with the base as its parent (vLLM's cards)."""
+        card = {"object": "model", "created": self.created, "owned_by": "jaxlm",
+                "max_model_len": self.serving.sched.max_len}
+        return ([{"id": self.model_name, "root": self.model_name, "parent": None, **card}]
+                + [{"id": name, "root": name, "parent": self.model_name, **card}
+                   for name in self.adapters])
+
+    def adapter(self, model: str | None) -> int:
+        """The adapter index a request's `model` names (-1: the base); a 400 naming the
+        served models if it names none of them."""
+        if model is None or model == self.model_name:
+            return -1
+        if model in self.adapters:
+            return self.adapters[model]
+        served = ", ".join(repr(m) for m in [self.model_name, *self.adapters])
+        raise bad_request(f"the model {model!r} does not exist; this server serves "
+                          f"{served}", "model", "model_not_found")
 
     # Endpoints -----------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request):
@@ -176,9 +205,7 @@ class _API:
         return list(prompt)
 
     def _request(self, body, rid: str, prompt: list[int], max_tokens: int):
-        if body.model is not None and body.model != self.model_name:
-            raise bad_request(f"the model {body.model!r} does not exist; this server "
-                              f"serves {self.model_name!r}", "model", "model_not_found")
+        adapter = self.adapter(body.model)
         if body.n not in (None, 1):
             raise bad_request(f"n must be 1 (one choice per request), got {body.n}", "n")
         if max_tokens < 1:
@@ -192,7 +219,8 @@ class _API:
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         return SchedRequest(prompt=prompt, max_tokens=max_tokens, sampling=sampling,
                             seed=seed, stop_tokens=self.stop_tokens,
-                            stop_strings=tuple(s for s in stops if s), id=rid)
+                            stop_strings=tuple(s for s in stops if s), id=rid,
+                            adapter=adapter)
 
     async def _start(self, req):
         try:
@@ -216,7 +244,8 @@ class _API:
         req = self._request(body, rid, prompt, max_tokens)
         stream = await self._start(req)
         out = Output(self.tokenizer, self.stop_tokens, req.stop_strings)
-        shape = _Shape(rid, self.model_name, chat, body.return_token_ids, prompt)
+        shape = _Shape(rid, body.model or self.model_name, chat, body.return_token_ids,
+                       prompt)
         if body.stream:
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(self._sse(stream, out, shape, usage),

@@ -41,6 +41,11 @@ class Metrics:
                                  "shared pages instead of prefill", registry=r)
         self.preemptions = Gauge("jaxlm_preemptions", "Sequences preempted for pages "
                                  "(recomputed later)", registry=r)
+        self.acceptance = Gauge("jaxlm_spec_acceptance_rate", "Speculative decoding: "
+                                "accepted drafts / proposed drafts, since start", registry=r)
+        self.per_forward = Gauge("jaxlm_spec_tokens_per_forward", "Speculative decoding: "
+                                 "tokens emitted per row per verification forward, since "
+                                 "start", registry=r)
         self.ttft = Histogram("jaxlm_time_to_first_token_seconds",
                               "From submission to the first generated token",
                               buckets=TTFT_BUCKETS, registry=r)
@@ -67,6 +72,9 @@ class Metrics:
         self.programs.set(stats.get("compiled_programs", 0))
         self.prefix_hits.set(stats.get("prefix_hit_tokens", 0))
         self.preemptions.set(stats.get("preemptions", 0))
+        if stats.get("spec_rounds"):
+            self.acceptance.set(stats["spec_accepted"] / max(stats["spec_drafted"], 1))
+            self.per_forward.set(stats["spec_emitted"] / stats["spec_rounds"])
         now, total = time.monotonic(), stats.get("tokens_total", 0)
         self._seen.append((now, total))
         while len(self._seen) > 2 and now - self._seen[1][0] >= THROUGHPUT_WINDOW:

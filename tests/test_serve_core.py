@@ -1,0 +1,298 @@
+"""The one inference core behind the server: the paged scheduler serves stacked adapters per
+request, prompt-lookup speculative decoding inside the continuous batch and a mesh, each
+equal to the independent reference (transformers + PEFT greedy, the static engine per
+adapted model, the same scheduler on one device); per-row speculative sampling keeps the
+target's distribution (chi-square); the server's --lora-modules / --prompt-lookup / --mesh
+answer concurrent requests for the base and two PEFT LoRAs with each model's own greedy
+tokens; speculative decoding of a prefix-tuned model equals plain greedy; bad
+combinations are refused in one line."""
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from helpers import adapted_lm, drive, tiny_lm
+from jaxlm.infer import Engine, Speculative
+from jaxlm.infer.scheduler import Request, Scheduler
+from jaxlm.infer.speculative import lookup_drafts
+from jaxlm.infer.steps import RowSampling
+from jaxlm.model import Config
+from jaxlm.model import peft as P
+from jaxlm.model.build import with_heads
+from jaxlm.ops.sampling import Sampling, probabilities
+from jaxlm.ops.speculative import ngram_propose
+
+CFG = Config(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+             max_position=96, init_std=0.3)
+SPECS = [P.LoraSpec(r=2, alpha=4.0, targets=("q_proj", "v_proj")),
+         P.LoraSpec(r=5, alpha=3.0, targets=("k_proj", "o_proj", "gate_proj", "down_proj",
+                                              "lm_head")),
+         P.BottleneckSpec(dim=6, activation="gelu")]
+RNG = np.random.default_rng(0)
+# repetitive prompts (prompt lookup finds drafts), ragged lengths, one past a page boundary
+PROMPTS = [(RNG.integers(0, 6, 4).tolist() * 9)[:n] for n in (5, 9, 3, 17, 6, 4, 11, 30)]
+IDS = [0, 1, 2, -1, 1, 0, 2, -1]
+N = 12
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = tiny_lm(CFG)
+    return base, [adapted_lm(base, s, seed=i + 1) for i, s in enumerate(SPECS)]
+
+
+@pytest.fixture(scope="module")
+def wanted(models):
+    """Each request's greedy tokens from the static engine over its own adapted model."""
+    base, adapted = models
+    out = []
+    for p, a in zip(PROMPTS, IDS):
+        out.append(Engine(base if a == -1 else adapted[a]).generate([p], max_new_tokens=N)[0])
+    return out
+
+
+def _serve(sched, stops=()):
+    reqs = [Request(prompt=p, max_tokens=N, adapter=a, id=str(i), stop_tokens=stops)
+            for i, (p, a) in enumerate(zip(PROMPTS, IDS))]
+    # staggered arrivals: requests join a batch already decoding (and speculating)
+    out = drive(sched, [(2 * i, r) for i, r in enumerate(reqs)])
+    sched.pool.check_whole()
+    return [out[str(i)] for i in range(len(reqs))]
+
+
+@pytest.mark.parametrize("spec", [None, Speculative("lookup", 3, ngram=2)],
+                         ids=["plain", "lookup"])
+def test_scheduler_rows_of_different_adapters_equal_each_model_alone(models, wanted, spec):
+    """LoRAs of ranks 2 and 5 on different targets (lm_head too), a bottleneck and the
+    base, one batch of one compiled step; small pages so rows cross page boundaries and
+    a pool tight enough to preempt."""
+    base, adapted = models
+    sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=32,
+                      n_pages=40, speculative=spec)
+    assert _serve(sched) == wanted
+    if spec is not None:
+        st = sched.stats()
+        assert st["spec_rounds"] > 0 and st["spec_accepted"] > 0
+        assert st["spec_emitted"] > st["spec_rounds"]   # more than one token per forward
+
+
+def test_prefix_keys_keep_adapters_apart(models, wanted):
+    """The same prompt under two adapters must not share pages (other K/V): a second
+    pass finds its own adapter's pages (prefix hits) and still equals each model."""
+    base, adapted = models
+    sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=32)
+    same = [Request(prompt=PROMPTS[7], max_tokens=N, adapter=a, id=str(a)) for a in (-1, 0, 1)]
+    first = drive(sched, [(0, r) for r in same])
+    hits = sched.stats()["prefix_hit_tokens"]
+    again = drive(sched, [(0, Request(prompt=PROMPTS[7], max_tokens=N, adapter=a, id=str(a)))
+                          for a in (-1, 0, 1)])
+    assert first == again
+    assert sched.stats()["prefix_hit_tokens"] > hits
+    assert first["-1"] == wanted[7]
+    assert first["0"] != first["-1"] or first["1"] != first["-1"]
+
+
+def test_lookup_drafts_equal_the_device_lookup():
+    """The host-side prompt lookup the scheduler uses equals ops.speculative.ngram_propose."""
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(1, 30))
+        toks = rng.integers(0, 4, n).tolist()
+        ngram, g = int(rng.integers(1, 4)), int(rng.integers(1, 5))
+        hist = np.zeros((1, 40), np.int32)
+        hist[0, :n] = toks
+        want, _ = ngram_propose(jnp.asarray(hist), jnp.asarray([n]), ngram, g)
+        assert lookup_drafts(toks, ngram, g) == np.asarray(want)[0].tolist()
+    assert lookup_drafts([1, 2], 2, 0) == []
+
+
+def test_row_verification_keeps_each_rows_distribution():
+    """RowSampling.verify, as the scheduler's speculative round runs it: rows with their
+    own temperature / top-p / top-k, a row with fewer real drafts than γ, a greedy row.
+    The first emitted token of each row must follow that row's filtered target
+    distribution whatever the drafts (chi-square), and the greedy row is the argmax."""
+    v, g, rows = 12, 3, 4
+    logits = jax.random.normal(jax.random.key(0), (rows, g + 1, v)) * 1.5
+    settings = [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8), (0.0, 0, 1.0)]
+    drafts = np.array([[2, 5, 1], [0, 3, 3], [7, 7, 2], [1, 1, 1]], np.int32)
+    n_draft = np.array([3, 1, 2, 3], np.int32)
+    reps = 40_000
+
+    def draw(seed_block):
+        s = RowSampling.empty(rows * reps)
+        s.temperature[:] = np.repeat([t for t, _, _ in settings], reps)
+        s.top_k[:] = np.repeat([k for _, k, _ in settings], reps)
+        s.top_p[:] = np.repeat([p for _, _, p in settings], reps)
+        s.seeds[:] = np.arange(rows * reps) + seed_block
+        return jax.jit(lambda s: s.verify(jnp.repeat(drafts, reps, 0),
+                                          jnp.repeat(n_draft, reps),
+                                          jnp.repeat(logits, reps, 0)))(s)
+    n, nxt = (np.asarray(a).reshape(rows, reps) for a in draw(0))
+    first = np.where(n > 0, np.repeat(drafts[:, :1], reps, 1), nxt)
+    assert (n <= n_draft[:, None]).all()
+    for r, (t, k, p) in enumerate(settings[:3]):
+        want = np.asarray(probabilities(logits[r, 0][None], Sampling(t, k or None, p)),
+                          np.float64)[0]
+        counts = np.bincount(first[r], minlength=v)
+        keep = want * reps > 5
+        assert counts[~keep].sum() <= 0.01 * reps
+        assert stats.chisquare(counts[keep], want[keep] / want[keep].sum()
+                               * counts[keep].sum()).pvalue > 1e-3, r
+    greedy = np.asarray(jnp.argmax(logits[3], -1))
+    accepted = int(np.sum(np.cumprod(drafts[3] == greedy[:g])))
+    assert (n[3] == accepted).all() and (nxt[3] == greedy[accepted]).all()
+
+
+def test_prefix_adapter_with_every_speculative_source_equals_plain_greedy():
+    """A prefix-tuned model (P virtual tokens before the prompt in the cache) decoded
+    speculatively gives plain greedy's tokens with each draft source (it did not: the
+    prefill reset the cache lengths to the prompt's, dropping the virtual tokens)."""
+    lm = adapted_lm(with_heads(tiny_lm(CFG), 2, 3, seed=1), P.PrefixSpec(tokens=4), seed=3,
+                    std=0.5)
+    draft = tiny_lm(CFG.replace(n_layers=1), seed=7)
+    prompts = [PROMPTS[1], PROMPTS[0]]
+    want = Engine(lm).generate(prompts, max_new_tokens=N)
+    for spec in (Speculative("lookup", 3, ngram=2), Speculative("draft", 3, draft=draft),
+                 Speculative("medusa", 3), Speculative("mtp", 2)):
+        assert Engine(lm, speculative=spec).generate(prompts, max_new_tokens=N) == want, spec
+
+
+def test_engine_speculates_over_stacked_adapters(models, wanted):
+    base, adapted = models
+    engine = Engine(base, adapters=adapted, speculative=Speculative("lookup", 3, ngram=2))
+    got = engine.generate(PROMPTS, max_new_tokens=N, adapter_ids=IDS)
+    assert got == wanted
+    assert engine.speculative_stats["tokens_per_forward"] > 1
+
+
+def test_bad_combinations_are_refused_in_one_line(models):
+    base, adapted = models
+    prefix = adapted_lm(base, P.PrefixSpec(tokens=2), seed=5)
+    cases = [
+        (lambda: Scheduler(base, adapters=[prefix]), "prefix tuning"),
+        (lambda: Scheduler(base, speculative=Speculative("medusa", 1)), "medusa"),
+        (lambda: Scheduler(base, adapters=adapted).submit(Request([1, 2], adapter=3)),
+         "adapter 3 does not exist"),
+        (lambda: Scheduler(base).submit(Request([1, 2], adapter=0)), "no adapters"),
+    ]
+    for make, match in cases:
+        with pytest.raises(ValueError, match=match) as e:
+            make()
+        assert "\n" not in str(e.value)
+
+
+def test_scheduler_on_a_mesh_equals_one_device():
+    """tests/scripts/sharded_scheduler.py on 4 emulated devices: adapters + prompt lookup on
+    tensor=2; QLoRA (int8 base) + int8 KV cache + lookup on data=2,tensor=2; MoE + lookup
+    on expert=2 — the same tokens as one device, pools split by kv heads."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "sharded_scheduler.py")
+    r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(report) == {"tensor_lookup", "data_tensor_qlora_int8", "expert_lookup"}
+    for name, case in report.items():
+        assert case["equal"] and case["tokens"] > 0, name
+        assert case["stats"]["spec_accepted"] > 0, name
+    assert report["tensor_lookup"]["pool_spec"].endswith("(None, None, 'tensor')")
+
+
+# The server: two PEFT LoRAs, prompt lookup and tensor=2, against transformers + PEFT -----
+def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
+    import requests
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, initializer_range=0.2,
+                         eos_token_id=95)   # the server stops on the config's EOS, as HF
+    hf = LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "base")
+    dirs = {}
+    for name, targets, seed in (("a", ["q_proj", "v_proj"], 1),
+                                ("b", ["k_proj", "o_proj", "up_proj"], 2)):
+        torch.manual_seed(seed)
+        model = get_peft_model(LlamaForCausalLM(config).eval(),
+                               LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+        model.base_model.model.load_state_dict(hf.state_dict(), strict=False)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    prompts = [(np.random.default_rng(i).integers(3, 12, 4).tolist() * 4)[:10 + i]
+               for i in range(3)]
+
+    def greedy(model, prompt):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=0, eos_token_id=95)
+        return out[0, len(prompt):].tolist()
+    want = {"llama": [greedy(hf, p) for p in prompts]}
+    for name, path in dirs.items():
+        model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+                                          path).eval()
+        want[name] = [greedy(model, p) for p in prompts]
+    assert want["a"] != want["llama"] and want["b"] != want["llama"]
+    assert sum(len(o) for outs in want.values() for o in outs) > 40
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxlm.serve", "--hf", str(tmp_path / "base"), "--port", "0",
+         "--model-name", "llama", "--lora-modules", f"a={dirs['a']}", f"b={dirs['b']}",
+         "--prompt-lookup", "3", "--spec-tokens", "3", "--mesh", "tensor=2",
+         "--max-seqs", "4", "--max-batched-tokens", "32", "--max-len", "64",
+         "--page-size", "16", "--no-warmup"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving llama on http://"), (line, proc.stderr.read())
+        url = line.split()[-1]
+        models = requests.get(url + "/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [
+            ("llama", None), ("a", "llama"), ("b", "llama")]
+
+        def ask(job):
+            name, i = job
+            r = requests.post(url + "/v1/completions", json={
+                "model": name, "prompt": prompts[i], "max_tokens": 8, "temperature": 0,
+                "return_token_ids": True}, timeout=300)
+            assert r.status_code == 200, r.text
+            return name, i, r.json()["choices"][0]["token_ids"]
+        jobs = [(name, i) for i in range(len(prompts)) for name in want]
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            for name, i, got in pool.map(ask, jobs):
+                assert got == want[name][i], (name, i)
+        r = requests.post(url + "/v1/completions", json={"model": "c", "prompt": [1]})
+        assert r.status_code == 404 or r.status_code == 400
+        assert "'c' does not exist" in r.json()["error"]["message"]
+        metrics = requests.get(url + "/metrics").text
+        rate = float(next(line.split()[-1] for line in metrics.splitlines()
+                          if line.startswith("jaxlm_spec_acceptance_rate ")))
+        assert 0 < rate <= 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--lora-modules", "noequals"], "NAME=DIR pairs"),
+    (["--lora-modules", "a=X", "a=Y"], "twice"),
+    (["--prompt-lookup", "3", "--spec-tokens", "0"], "--spec-tokens must be positive"),
+    (["--draft", "."], "--prompt-lookup"),
+    (["--mesh", "tensor=x"], "--mesh"),
+])
+def test_server_bad_flags_are_one_line(tmp_path, flags, match):
+    (tmp_path / "config.json").write_text("{}")
+    r = subprocess.run([sys.executable, "-m", "jaxlm.serve", "--hf", str(tmp_path), *flags],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
