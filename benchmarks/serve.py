@@ -35,6 +35,18 @@ lengths: --long-frac of them long (--long-out), the rest short (--short-out).
    all; the manager's add_request takes one per request, so each row decodes exactly its
    own. A few requests warm it up first.
 Throughput of 2 and 3 = useful (requested) tokens / wall time.
+
+--runs picks what runs (default `base`: 1-3 above). Two more, each the server against
+itself without the feature, same requests, one run, ratio printed:
+4. adapters: --lora-adapters N random LoRAs (rank 8 on q/k/v/o, saved in PEFT's format)
+   served with --lora-modules, the requests spread round-robin over them (each request's
+   `model` names one), against the server of the base model alone. Goal ≥ 0.8×.
+5. speculative: prompt lookup (--prompt-lookup 3 --spec-tokens 4) against plain decoding
+   at low concurrency (1, 2, 4 clients, closed loop), on a trained model (--spec-run RUN;
+   default: the default training run, trained here in ~2 min) with input-grounded
+   prompts: a block of Python source from the standard library, a marker line, then the
+   block's first line — the model is asked to repeat code it has just read, as an "edit
+   this code" request does. Goal ≥ 1.3×.
 """
 from __future__ import annotations
 
@@ -78,13 +90,13 @@ def pcts(xs) -> list[float]:
 
 
 # 1. The server ------------------------------------------------------------------------------
-def start_server(hf_dir: str, args, max_len: int):
+def start_server(hf_dir: str, args, max_len: int, extra=(), source="--hf"):
     """(process, base URL) once it prints its `serving ... on URL` line."""
-    cmd = [sys.executable, "-m", "jaxlm.serve", "--hf", hf_dir, "--port", "0",
+    cmd = [sys.executable, "-m", "jaxlm.serve", source, hf_dir, "--port", "0",
            "--max-seqs", str(args.max_seqs), "--max-batched-tokens",
            str(args.max_batched_tokens), "--page-size", str(args.page_size),
            "--kv-memory", args.kv_memory, "--max-len", str(max_len),
-           "--decode-steps", str(args.decode_steps)]
+           "--decode-steps", str(args.decode_steps), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log, ready, url = [], threading.Event(), {}
 
@@ -115,6 +127,8 @@ async def one(client, base: str, req: dict, t0: float, sem) -> dict:
         sent, times, tokens = time.perf_counter(), [], []
         body = {"prompt": req["prompt"], "max_tokens": req["max_tokens"], "stream": True,
                 "temperature": 0.0, "return_token_ids": True, "seed": 0}
+        if req.get("model"):
+            body["model"] = req["model"]
         try:
             async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
                 r.raise_for_status()
@@ -160,21 +174,26 @@ def warm_server(base: str, reqs: list[dict], args) -> float:
     burst here warms the HTTP path and checks that it compiled nothing more. Returns the
     programs compiled."""
     import httpx2
-    warm = asyncio.run(drive(base, warmup_requests(reqs, args), args.concurrency))
+    burst = warmup_requests(reqs, args)
+    for i, w in enumerate(burst):   # every adapter of the workload is warmed too
+        w["model"] = reqs[i % len(reqs)].get("model")
+    warm = asyncio.run(drive(base, burst, args.concurrency))
     assert not any(w["error"] for w in warm), [w["error"] for w in warm][:3]
     return metric(httpx2.get(f"{base}/metrics").text, "jaxlm_compiled_programs")
 
 
-def run_server(hf_dir: str, reqs: list[dict], args, max_len: int) -> dict:
+def run_server(hf_dir: str, reqs: list[dict], args, max_len: int, extra=(),
+               source="--hf", concurrency=None, warm=None) -> dict:
     import httpx2
-    proc, base = start_server(hf_dir, args, max_len)
+    proc, base = start_server(hf_dir, args, max_len, extra, source)
+    concurrency = concurrency or args.concurrency
     try:
         t = time.perf_counter()
-        programs_warm = warm_server(base, reqs, args)
+        programs_warm = warm_server(base, warm or reqs, args)
         warm_s = time.perf_counter() - t
         print(f"server: warmed up in {warm_s:.0f} s, {programs_warm:.0f} step programs "
               f"compiled", flush=True)
-        results = asyncio.run(drive(base, reqs, args.concurrency))
+        results = asyncio.run(drive(base, reqs, concurrency))
         text = httpx2.get(f"{base}/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -191,6 +210,8 @@ def run_server(hf_dir: str, reqs: list[dict], args, max_len: int) -> dict:
             "ttft": pcts([r["ttft"] for r in ok]),
             "tpot": pcts([r["tpot"] for r in ok if r["tpot"] is not None]),
             "e2e": pcts([r["done"] - r["sent"] for r in ok]),
+            "acceptance": metric(text, "jaxlm_spec_acceptance_rate"),
+            "per_forward": metric(text, "jaxlm_spec_tokens_per_forward"),
             "outputs": [r["tokens"] for r in results]}
 
 
@@ -325,6 +346,84 @@ def run_hf(hf_dir: str, reqs: list[dict], args) -> dict:
             "warmup_s": warm_s, "failed": bad, "attn": args.hf_attn, "outputs": outs}
 
 
+# 4. Many adapters -----------------------------------------------------------------------------
+def save_loras(lm, n: int, work: str) -> dict[str, str]:
+    """n random LoRAs over lm (rank 8 on q/k/v/o, B ≠ 0 as after training), each saved in
+    PEFT's format: {name: directory}."""
+    import jax
+    from flax import nnx
+    from jaxlm.model import peft
+    from jaxlm.model.io.peft import save_peft
+    out = {}
+    for i in range(n):
+        adapted = peft.attach(nnx.merge(*nnx.split(lm)), peft.LoraSpec(
+            r=8, alpha=16, targets=("q_proj", "k_proj", "v_proj", "o_proj")), seed=i)
+        rng = np.random.default_rng(i)
+        for _, var in nnx.to_flat_state(nnx.state(adapted, peft.Adapter)):
+            var.set_value(jax.numpy.asarray(rng.normal(0, 0.02, var.shape), var.dtype))
+        out[f"lora{i}"] = os.path.join(work, f"lora{i}")
+        save_peft(adapted, out[f"lora{i}"])
+    return out
+
+
+def run_adapters(hf_dir: str, lm, reqs: list[dict], args, max_len: int, work: str) -> dict:
+    loras = save_loras(lm, args.lora_adapters, work)
+    names = list(loras)
+    spread = [{**r, "model": names[i % len(names)]} for i, r in enumerate(reqs)]
+    one = run_server(hf_dir, reqs, args, max_len)
+    many = run_server(hf_dir, spread, args, max_len,
+                      ["--lora-modules", *(f"{k}={v}" for k, v in loras.items())])
+    return {"one": one, "many": many, "ratio": many["tok_s"] / one["tok_s"],
+            "n": len(names)}
+
+
+# 5. Speculative decoding at low concurrency ------------------------------------------------
+def grounded_requests(n: int, tokenizer, seed: int, max_tokens: int) -> list[dict]:
+    """Prompts that ask to repeat code just read: a block of a stdlib module, a marker,
+    then the block's first line; greedy continuation copies the block."""
+    import inspect
+    import json as json_mod
+    import textwrap
+    rng = np.random.default_rng(seed)
+    lines = [ln for ln in inspect.getsource(json_mod.decoder).splitlines() if ln.strip()]
+    lines += [ln for ln in inspect.getsource(textwrap).splitlines() if ln.strip()]
+    out = []
+    for _ in range(n):
+        i = int(rng.integers(0, len(lines) - 12))
+        block = "\n".join(lines[i:i + 10]) + "\n"
+        text = block + "\n# the same code again:\n" + lines[i] + "\n"
+        out.append({"t": 0.0, "prompt": tokenizer.encode(text), "max_tokens": max_tokens})
+    return out
+
+
+def train_run(work: str) -> str:
+    run = os.path.join(work, "spec-run")
+    subprocess.run([sys.executable, "-m", "jaxlm.train", "--run_dir", run], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return run
+
+
+def run_speculative(args, work: str) -> dict:
+    from jaxlm.model.io.runs import load_run
+    run = args.spec_run or train_run(work)
+    _, tokenizer, _ = load_run(run)
+    reqs = grounded_requests(args.spec_requests, tokenizer, args.seed, args.spec_out)
+    max_len = max(len(r["prompt"]) for r in reqs) + args.spec_out + 8
+    out = {}
+    for clients in (1, 2, 4):
+        plain = run_server(run, reqs, args, max_len, source="--checkpoint",
+                           concurrency=clients, warm=reqs)
+        spec = run_server(run, reqs, args, max_len, ["--prompt-lookup", "3",
+                                                     "--spec-tokens", "4"],
+                          source="--checkpoint", concurrency=clients, warm=reqs)
+        same = agreement(plain["outputs"], spec["outputs"])
+        out[clients] = {"plain": plain["tok_s"], "spec": spec["tok_s"],
+                        "ratio": spec["tok_s"] / plain["tok_s"], "same": same,
+                        "acceptance": spec["acceptance"], "per_forward": spec["per_forward"]}
+        print(f"speculative, {clients} clients: {out[clients]}", flush=True)
+    return out
+
+
 # The benchmark ------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -349,6 +448,13 @@ def parse_args(argv=None):
     p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation "
                    "('sdpa' or 'paged|eager' run continuous batching on CPU)")
     p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--runs", default="base", help="comma-separated: base (1-3), adapters "
+                   "(4), speculative (5)")
+    p.add_argument("--lora-adapters", type=int, default=8, help="adapters in run 4")
+    p.add_argument("--spec-run", metavar="RUN", help="run 5's trained model (default: "
+                   "train the default run)")
+    p.add_argument("--spec-requests", type=int, default=16)
+    p.add_argument("--spec-out", type=int, default=96, help="run 5's tokens per request")
     p.add_argument("--out", metavar="FILE", help="also write the results as JSON")
     return p.parse_args(argv)
 
@@ -362,27 +468,37 @@ def main(argv=None):
     lm = create(cfg, 0)
     reqs = workload(args, cfg.vocab_size)
     max_len = args.prompt_len[1] + args.long_out[1]
+    runs = set(args.runs.split(","))
+    if runs - {"base", "adapters", "speculative"}:
+        sys.exit(f"--runs: unknown {sorted(runs - {'base', 'adapters', 'speculative'})}")
+    res = {}
     with tempfile.TemporaryDirectory() as work:
         hf_dir = os.path.join(work, f"{args.preset}-random")
         to_hf(lm, hf_dir)
-        res = {"server": run_server(hf_dir, reqs, args, max_len)}
-        res["static"] = run_static(lm, reqs, args, max_len)
-        res["scheduler"] = run_scheduler(lm, reqs, args, max_len)
-        res["decode_step"] = run_decode_step(lm, args, max_len)
-        if not args.skip_hf:
-            res["transformers"] = run_hf(hf_dir, reqs, args)
+        if "base" in runs:
+            res["server"] = run_server(hf_dir, reqs, args, max_len)
+            res["static"] = run_static(lm, reqs, args, max_len)
+            res["scheduler"] = run_scheduler(lm, reqs, args, max_len)
+            res["decode_step"] = run_decode_step(lm, args, max_len)
+            if not args.skip_hf:
+                res["transformers"] = run_hf(hf_dir, reqs, args)
+        if "adapters" in runs:
+            res["adapters"] = run_adapters(hf_dir, lm, reqs, args, max_len, work)
+        if "speculative" in runs:
+            res["speculative"] = run_speculative(args, work)
     import torch
     import transformers
     env = {"machine": machine(), "jax": jax.__version__, "torch": torch.__version__,
            "transformers": transformers.__version__,
            "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}"}
-    report(args, cfg, reqs, res, env)
+    if "server" in res:
+        report(args, cfg, reqs, res, env)
+    report_features(args, res, env)
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "env": env,
-                       "results": {k: {a: b for a, b in v.items() if a != "outputs"}
-                                   for k, v in res.items()}}, f, indent=1)
+            json.dump({"args": vars(args), "env": env, "results": res}, f, indent=1,
+                      default=lambda o: None)
     return res
 
 
@@ -455,3 +571,26 @@ def report(args, cfg, reqs, res, env) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+GOAL_ADAPTERS, GOAL_SPECULATIVE = 0.8, 1.3
+
+
+def report_features(args, res, env) -> None:
+    if "adapters" in res:
+        a = res["adapters"]
+        met = "met" if a["ratio"] >= GOAL_ADAPTERS else "NOT met"
+        print(f"\nadapters ({env['date']}, {env['machine']}): {a['n']} LoRAs (r 8, q/k/v/o) "
+              f"served together, requests spread over them: {a['many']['tok_s']:.0f} tokens/s "
+              f"vs the base model alone {a['one']['tok_s']:.0f} tokens/s = {a['ratio']:.2f}x "
+              f"(goal >= {GOAL_ADAPTERS:g}x: {met}); failed {a['many']['failed']}, TPOT p50 "
+              f"{1e3 * a['many']['tpot'][0]:.0f} vs {1e3 * a['one']['tpot'][0]:.0f} ms")
+    if "speculative" in res:
+        print(f"\nspeculative, prompt lookup 3, γ 4 ({env['date']}, {env['machine']}):")
+        print("| clients | plain tokens/s | lookup tokens/s | ratio (goal) | acceptance | "
+              "tokens per forward | same greedy outputs |")
+        print("|---|---|---|---|---|---|---|")
+        for clients, r in res["speculative"].items():
+            print(f"| {clients} | {r['plain']:.0f} | {r['spec']:.0f} | {r['ratio']:.2f}x "
+                  f"(>= {GOAL_SPECULATIVE:g}x) | {r['acceptance']:.2f} | "
+                  f"{r['per_forward']:.2f} | {r['same']} |")

@@ -29,6 +29,11 @@ into the list; -1 the base). LoRA and bottleneck adapters are stacked on the mod
 (jaxlm.model.peft.attach_stacked) and every token of a step carries its row's index into
 the stack, so requests of different adapters share one compiled step. A page's prefix key
 starts from its adapter's id, since the same tokens give other K/V under another adapter.
+A prefix-tuning adapter's P virtual tokens are written once into pages held for good and
+registered under that adapter's keys: a request of the adapter starts with P placeholder
+tokens that match those pages as a shared prefix (a partly filled last page is copied into
+the request's own page, the copy-on-write path), so its prompt sits at positions P.. as
+in CausalLM.init_cache.
 
 Speculative decoding (`speculative=Speculative("lookup", n_draft=γ, ngram=N)`): while every
 sequence decodes, a step is one verification round instead: each row feeds its newest
@@ -46,6 +51,7 @@ step runs as one SPMD program; tokens equal one device's.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import uuid
@@ -54,21 +60,29 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.cache import cache_dtype as cache_dtype_of, paged_buffers
-from jaxlm.model.memory import pages_for
-from jaxlm.model.transformer import CausalLM
-from jaxlm.ops.sampling import Sampling
-
-import contextlib
-
+from jaxlm.model.cache import cache_dtype as cache_dtype_of, heads_to_layout, paged_buffers
 from jaxlm.model.cache import slot_axis
+from jaxlm.model.memory import pages_for
 from jaxlm.model.sharding import replicated
+from jaxlm.model.transformer import CausalLM
+from jaxlm.ops.paged import paged_write
+from jaxlm.ops.sampling import Sampling
 
 from .adapters import prepare
 from .forward import split_model
 from .pages import PagePool, page_keys
 from .speculative import Speculative, lookup_drafts
 from .steps import DecodeInputs, MixedInputs, Shapes, VerifyInputs, compiled, pool_sharding
+
+
+VIRTUAL = -1   # a prefix adapter's virtual token in a sequence's token list (not an id)
+
+
+@jax.jit
+def _write_slots(pools, values, slots):
+    """Write values (per layer, per buffer [T, ...]) at flat slots [T] of the pools."""
+    return tuple(tuple(paged_write(buf, v, slots) for buf, v in zip(layer, vals))
+                 for layer, vals in zip(pools, values))
 
 
 @dataclasses.dataclass
@@ -136,10 +150,10 @@ class Scheduler:
         dtype = cache_dtype_of(cfg, cache_dtype)
         lm, self.served = prepare(lm, adapters, False, dtype, slot_axis(cfg),
                                   None if mesh is None else replicated(mesh))
-        if self.served.prefixes:
-            raise ValueError("the paged scheduler serves LoRA and bottleneck adapters, not "
-                             "prefix tuning (its virtual tokens would need their own pages); "
-                             "use jaxlm.infer.Engine for prefix-tuned models")
+        if self.served.prefixes and cfg.attention == "mla":
+            raise ValueError("prefix tuning on an MLA model is not served by the paged "
+                             "scheduler (its latent pages hold no per-head K/V); use "
+                             "jaxlm.infer.Engine")
         self.stacked = self.served.model_ids is not None
         self.spec = self._check_speculative(speculative)
         for name, v in (("page_size", page_size), ("max_seqs", max_seqs),
@@ -170,6 +184,7 @@ class Scheduler:
         if mesh is not None:
             self.pools = jax.tree.map(lambda b: jax.device_put(b, pool_sharding(mesh, b)),
                                       self.pools)
+        self.virtual = self._place_virtual_tokens()
         self.tokenizer, self.prefix_sharing = tokenizer, prefix_sharing
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: dict[str, _Seq] = {}
@@ -177,6 +192,28 @@ class Scheduler:
         self._order = itertools.count()
         self.shapes: set[tuple] = set()    # (m, c, table width) or ("decode", K, width)
         self.counts = collections.Counter()   # prefix_hit_tokens, preemptions, tokens
+
+    def _place_virtual_tokens(self) -> dict:
+        """Prefix adapters' virtual K/V, written once into pages held for good: their
+        full pages are registered under the adapter's keys, so every request of the
+        adapter finds them as a shared prefix; a last, partly filled page is copied into
+        each request's own page when it starts (the copy-on-write path). Returns
+        {adapter: (P, that partial page or None)}."""
+        z, out = self.page_size, {}
+        for adapter, (layers, p) in self.served.prefixes.items():
+            pages = [self.pool.allocate() for _ in range(-(-p // z))]
+            slots = np.asarray([pages[j // z] * z + j % z for j in range(p)], np.int32)
+            values = tuple(tuple(heads_to_layout(buf, slot_axis(self.cfg))[0] for buf in layer)
+                           for layer in layers)                        # [P, k, d] each
+            self.pools = _write_slots(self.pools, values, slots)
+            if self.mesh is not None:
+                self.pools = jax.tree.map(
+                    lambda b: jax.device_put(b, pool_sharding(self.mesh, b)), self.pools)
+            root = b"" if adapter == -1 else f"adapter {adapter}".encode()
+            for page, key in zip(pages, page_keys([VIRTUAL] * p, z, root)):
+                self.pool.register(page, key)
+            out[adapter] = (p, pages[-1] if p % z else None)
+        return out
 
     def _check_speculative(self, spec: Speculative | None) -> Speculative | None:
         if spec is None:
@@ -213,11 +250,18 @@ class Scheduler:
             raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {req.max_tokens!r}")
-        if len(p) + req.max_tokens > self.max_len:
-            raise ValueError(f"the prompt ({len(p)} tokens) plus max_tokens "
+        if not isinstance(req.adapter, (int, np.integer)) or not -1 <= req.adapter < self.served.n:
+            have = (f"adapters 0..{self.served.n - 1}" if self.served.n
+                    else "no adapters (Scheduler(lm, adapters=[...]))")
+            raise ValueError(f"adapter {req.adapter!r} does not exist: this scheduler has "
+                             f"{have}; -1 is the base model")
+        virtual = self.served.virtual_tokens(int(req.adapter))
+        if len(p) + virtual + req.max_tokens > self.max_len:
+            what = f" after the adapter's {virtual} virtual tokens" if virtual else ""
+            raise ValueError(f"the prompt ({len(p)} tokens{what}) plus max_tokens "
                              f"({req.max_tokens}) exceeds the context of {self.max_len} "
                              f"tokens; shorten the prompt or lower max_tokens")
-        need = -(-(len(p) + req.max_tokens) // self.page_size)
+        need = -(-(len(p) + virtual + req.max_tokens) // self.page_size)
         if need > self.pool.n_pages:
             raise ValueError(f"the request needs {need} pages and the pool has "
                              f"{self.pool.n_pages}; raise kv_memory")
@@ -226,15 +270,13 @@ class Scheduler:
             raise ValueError(f"stop tokens must be ids in [0, {self.vocab_size})")
         if req.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model serves token ids only")
-        if not isinstance(req.adapter, (int, np.integer)) or not -1 <= req.adapter < self.served.n:
-            have = (f"adapters 0..{self.served.n - 1}" if self.served.n
-                    else "no adapters (Scheduler(lm, adapters=[...]))")
-            raise ValueError(f"adapter {req.adapter!r} does not exist: this scheduler has "
-                             f"{have}; -1 is the base model")
 
     def submit(self, req: Request) -> None:
         self.check(req)
-        self.waiting.append(_Seq(req, -1, [int(t) for t in req.prompt], len(req.prompt)))
+        # a prefix adapter's virtual tokens stand first, as placeholders (never fed)
+        tokens = [VIRTUAL] * self.served.virtual_tokens(int(req.adapter))
+        tokens += [int(t) for t in req.prompt]
+        self.waiting.append(_Seq(req, -1, tokens, len(tokens)))
 
     def cancel(self, request_id: str) -> bool:
         """Drop a request, freeing its pages now. False if it is not queued or running."""
@@ -337,26 +379,35 @@ class Scheduler:
         if the pool cannot hold that chunk now."""
         z = self.page_size
         self._extend_keys(seq)
-        matched = self.pool.match(seq.keys) if self.prefix_sharing else []
+        p, partial = self.virtual.get(seq.req.adapter, (0, None))
+        # the virtual tokens' full pages are always found (pinned); the rest if sharing
+        matched = self.pool.match(seq.keys if self.prefix_sharing else seq.keys[:p // z])
         computed = len(matched) * z
         cow = computed == len(seq.tokens)   # all known: recompute the last token
         computed -= cow
+        split = computed < p      # the last virtual page is partly real tokens: copy it
+        computed = max(computed, p)
         n = self._chunk(len(seq.tokens) - computed, budget, work)
         need = -(-(computed + n) // z) - len(matched) + cow
         if n < 1 or need > self.pool.available:
             self.pool.release(matched)
             return None
+        if split:
+            fresh = self.pool.allocate()
+            copies.append((partial, fresh))
+            matched.append(fresh)
         if cow:   # the last token's slot is in a shared page: write into a private copy
             fresh = self.pool.allocate()
             copies.append((matched[-1], fresh))
             self.counts["copies_on_write"] += 1
             self.pool.release(matched[-1:])
             matched[-1] = fresh
-        seq.pages, seq.computed, seq.registered = matched, computed, len(matched) - cow
+        seq.pages, seq.computed = matched, computed
+        seq.registered = len(matched) - cow - split
         seq.order, seq.row = next(self._order), self.free_rows.pop(0)
         self._reserve(seq, computed + n)
         self.running[seq.req.id] = seq
-        self.counts["prefix_hit_tokens"] += computed
+        self.counts["prefix_hit_tokens"] += computed - p
         return seq, n
 
     def _reserve(self, seq: _Seq, slots: int) -> bool:

@@ -10,10 +10,10 @@ Scheduler.
 --adapter serves one PEFT adapter as the model itself: a LoRA is folded into the weights
 (merged once at load, so decode costs what the base model's does; over quantized weights,
 QLoRA, it runs unmerged), a bottleneck adapter runs as it is. --lora-modules NAME=DIR ...
-serves several (vLLM's flag): a request's `model` field picks one by NAME (the base's own
-name picks the base), /v1/models lists them with the base as `parent`, and rows of
-different adapters share one compiled step. Prefix tuning is refused (the paged scheduler
-has no pages for its virtual tokens yet; python -m jaxlm.infer serves it). --prompt-lookup N
+serves several (vLLM's flag; LoRA, bottleneck and prefix-tuning directories): a request's
+`model` field picks one by NAME (the base's own name picks the base), /v1/models lists
+them with the base as `parent`, and rows of different adapters share one compiled step (a
+prefix adapter's virtual tokens sit in pages of their own). --prompt-lookup N
 (with --spec-tokens γ) decodes speculatively inside the continuous batch; /metrics then
 reports the acceptance rate and tokens per target forward. --mesh shards the weights and
 the KV pages over this host's devices (tensor: heads and kv heads; expert: MoE experts).
@@ -47,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", metavar="PEFT_DIR", help="a PEFT adapter directory served as "
                    "the model itself (LoRA: merged)")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", help="PEFT adapters "
-                   "requests pick by `model` NAME (LoRA and bottleneck; served unmerged)")
+                   "requests pick by `model` NAME (LoRA, bottleneck, prefix; unmerged)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's)")
     from jaxlm.infer.cli import add_mesh_arg, add_quant_args, add_spec_args

@@ -34,11 +34,12 @@ CFG = Config(vocab_size=48, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn
 SPECS = [P.LoraSpec(r=2, alpha=4.0, targets=("q_proj", "v_proj")),
          P.LoraSpec(r=5, alpha=3.0, targets=("k_proj", "o_proj", "gate_proj", "down_proj",
                                               "lm_head")),
-         P.BottleneckSpec(dim=6, activation="gelu")]
+         P.BottleneckSpec(dim=6, activation="gelu"),
+         P.PrefixSpec(tokens=5)]     # virtual tokens: one full page of 4 and a partial one
 RNG = np.random.default_rng(0)
 # repetitive prompts (prompt lookup finds drafts), ragged lengths, one past a page boundary
 PROMPTS = [(RNG.integers(0, 6, 4).tolist() * 9)[:n] for n in (5, 9, 3, 17, 6, 4, 11, 30)]
-IDS = [0, 1, 2, -1, 1, 0, 2, -1]
+IDS = [0, 1, 2, -1, 3, 0, 3, -1]
 N = 12
 
 
@@ -70,9 +71,9 @@ def _serve(sched, stops=()):
 @pytest.mark.parametrize("spec", [None, Speculative("lookup", 3, ngram=2)],
                          ids=["plain", "lookup"])
 def test_scheduler_rows_of_different_adapters_equal_each_model_alone(models, wanted, spec):
-    """LoRAs of ranks 2 and 5 on different targets (lm_head too), a bottleneck and the
-    base, one batch of one compiled step; small pages so rows cross page boundaries and
-    a pool tight enough to preempt."""
+    """LoRAs of ranks 2 and 5 on different targets (lm_head too), a bottleneck, a prefix
+    (its virtual tokens in pinned pages) and the base, one batch of one compiled step;
+    small pages so rows cross page boundaries and a pool tight enough to preempt."""
     base, adapted = models
     sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=32,
                       n_pages=40, speculative=spec)
@@ -84,15 +85,16 @@ def test_scheduler_rows_of_different_adapters_equal_each_model_alone(models, wan
 
 
 def test_prefix_keys_keep_adapters_apart(models, wanted):
-    """The same prompt under two adapters must not share pages (other K/V): a second
-    pass finds its own adapter's pages (prefix hits) and still equals each model."""
+    """The same prompt under three adapters (a prefix one too) must not share pages (other
+    K/V): a second pass finds its own adapter's pages (prefix hits) and still equals the
+    first."""
     base, adapted = models
     sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=32)
-    same = [Request(prompt=PROMPTS[7], max_tokens=N, adapter=a, id=str(a)) for a in (-1, 0, 1)]
+    same = [Request(prompt=PROMPTS[7], max_tokens=N, adapter=a, id=str(a)) for a in (-1, 0, 1, 3)]
     first = drive(sched, [(0, r) for r in same])
     hits = sched.stats()["prefix_hit_tokens"]
     again = drive(sched, [(0, Request(prompt=PROMPTS[7], max_tokens=N, adapter=a, id=str(a)))
-                          for a in (-1, 0, 1)])
+                          for a in (-1, 0, 1, 3)])
     assert first == again
     assert sched.stats()["prefix_hit_tokens"] > hits
     assert first["-1"] == wanted[7]
@@ -174,12 +176,18 @@ def test_engine_speculates_over_stacked_adapters(models, wanted):
 
 def test_bad_combinations_are_refused_in_one_line(models):
     base, adapted = models
-    prefix = adapted_lm(base, P.PrefixSpec(tokens=2), seed=5)
+    mla = tiny_lm(Config(vocab_size=48, d_model=32, n_layers=1, n_heads=4, ffn_dim=64,
+                         attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
+                         qk_rope_head_dim=4, v_head_dim=4, max_position=64))
     cases = [
-        (lambda: Scheduler(base, adapters=[prefix]), "prefix tuning"),
+        (lambda: Scheduler(mla, adapters=[adapted_lm(mla, P.PrefixSpec(tokens=2), seed=5)]),
+         "MLA"),
+        (lambda: Scheduler(base, adapters=adapted).submit(Request([1] * 90, max_tokens=4,
+                                                                  adapter=3)),
+         "after the adapter's 5 virtual tokens"),
         (lambda: Scheduler(base, speculative=Speculative("medusa", 1)), "medusa"),
-        (lambda: Scheduler(base, adapters=adapted).submit(Request([1, 2], adapter=3)),
-         "adapter 3 does not exist"),
+        (lambda: Scheduler(base, adapters=adapted).submit(Request([1, 2], adapter=4)),
+         "adapter 4 does not exist"),
         (lambda: Scheduler(base).submit(Request([1, 2], adapter=0)), "no adapters"),
     ]
     for make, match in cases:
