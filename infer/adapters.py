@@ -51,9 +51,12 @@ class Served:
         return self.prefixes[adapter][1] if adapter in self.prefixes else 0
 
 
-def prepare(lm: CausalLM, adapters, merge: bool, dtype, slot_axis: int, where=None):
+def prepare(lm: CausalLM, adapters, merge: bool, dtype, slot_axis: int, where=None,
+            stack_all: bool = False):
     """(the model the engine splits and runs, Served). where: the sharding of the prefix
-    K/V (replicated over the engine's mesh), None on one device."""
+    K/V (replicated over the engine's mesh), None on one device. stack_all: every adapter
+    gets a place in the stack, a prefix one too (its place is zero), so the stack's shape
+    does not depend on which kinds the list holds (infer/adapter_slots.py)."""
     own = P.adapters_of(lm)
     if any(getattr(m, "stacked", False) for m in own):
         raise ValueError("lm carries stacked adapters; pass the base model and "
@@ -83,7 +86,7 @@ def prepare(lm: CausalLM, adapters, merge: bool, dtype, slot_axis: int, where=No
         if not P.adapters_of(m):
             raise ValueError(f"adapter {i} has no adapter attached (attach or load_peft one)")
     weighted = [i for i, m in enumerate(adapted)
-                if any(not isinstance(x, P.Prefix) for x in P.adapters_of(m))]
+                if stack_all or any(not isinstance(x, P.Prefix) for x in P.adapters_of(m))]
     served, model_ids = lm, None
     if weighted:
         served = P.attach_stacked(nnx.merge(*nnx.split(lm)), [adapted[i] for i in weighted])

@@ -68,6 +68,7 @@ from jaxlm.model.transformer import CausalLM
 from jaxlm.ops.paged import paged_write
 from jaxlm.ops.sampling import Sampling
 
+from .adapter_slots import AdapterSlots
 from .adapters import prepare
 from .forward import split_model
 from .pages import PagePool, page_keys
@@ -145,11 +146,18 @@ class Scheduler:
                  max_batched_tokens: int = 256, max_len: int | None = None,
                  prefix_sharing: bool = True, cache_dtype=None, decode_steps: int = 4,
                  keep_quantized: bool | None = None, mesh=None, adapters=None,
-                 speculative: Speculative | None = None):
+                 speculative: Speculative | None = None, max_adapters: int | None = None,
+                 max_lora_rank: int | None = None, lora_targets=None):
         cfg = self.cfg = lm.cfg
         dtype = cache_dtype_of(cfg, cache_dtype)
-        lm, self.served = prepare(lm, adapters, False, dtype, slot_axis(cfg),
-                                  None if mesh is None else replicated(mesh))
+        where = None if mesh is None else replicated(mesh)
+        self.slots = None
+        if adapters is not None or max_adapters:
+            self.slots = AdapterSlots(lm, adapters, max_adapters, dtype, slot_axis(cfg),
+                                      where, max_lora_rank, lora_targets)
+            lm, self.served = self.slots.build()
+        else:
+            lm, self.served = prepare(lm, None, False, dtype, slot_axis(cfg), where)
         if self.served.prefixes and cfg.attention == "mla":
             raise ValueError("prefix tuning on an MLA model is not served by the paged "
                              "scheduler (its latent pages hold no per-head K/V); use "
@@ -173,7 +181,7 @@ class Scheduler:
         if kv_memory is not None:
             n_pages = pages_for(cfg, kv_memory, page_size, dtype.name)
         self.pool = PagePool(n_pages or max_seqs * self.pages_per_seq, page_size)
-        self.mesh = mesh
+        self.mesh, self.keep_quantized = mesh, keep_quantized
         self.graphs, self.weights = split_model(lm, mesh, keep_quantized)
         if not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {decode_steps!r}")
@@ -181,10 +189,12 @@ class Scheduler:
         self.menu = Shapes(max_seqs, max_batched_tokens, self.pages_per_seq)
         self.pools = tuple(paged_buffers(cfg, self.pool.n_pages, page_size, dtype)
                            for _ in range(cfg.n_layers))
-        if mesh is not None:
-            self.pools = jax.tree.map(lambda b: jax.device_put(b, pool_sharding(mesh, b)),
-                                      self.pools)
-        self.virtual = self._place_virtual_tokens()
+        # placed (committed) from the start, as every step's donated output is: an
+        # uncommitted first input would be one more program for the first call
+        self.pools = jax.tree.map(lambda b: jax.device_put(
+            b, jax.devices()[0] if mesh is None else pool_sharding(mesh, b)), self.pools)
+        self.virtual, self._pinned = {}, {}
+        self._place_virtual_tokens([-1, *self.adapter_ids])
         self.tokenizer, self.prefix_sharing = tokenizer, prefix_sharing
         self.waiting: collections.deque[_Seq] = collections.deque()
         self.running: dict[str, _Seq] = {}
@@ -193,27 +203,89 @@ class Scheduler:
         self.shapes: set[tuple] = set()    # (m, c, table width) or ("decode", K, width)
         self.counts = collections.Counter()   # prefix_hit_tokens, preemptions, tokens
 
-    def _place_virtual_tokens(self) -> dict:
+    def _place_virtual_tokens(self, adapters) -> None:
         """Prefix adapters' virtual K/V, written once into pages held for good: their
         full pages are registered under the adapter's keys, so every request of the
         adapter finds them as a shared prefix; a last, partly filled page is copied into
-        each request's own page when it starts (the copy-on-write path). Returns
-        {adapter: (P, that partial page or None)}."""
-        z, out = self.page_size, {}
-        for adapter, (layers, p) in self.served.prefixes.items():
+        each request's own page when it starts (the copy-on-write path). Sets
+        virtual[adapter] = (P, that partial page or None)."""
+        z = self.page_size
+        for adapter in adapters:
+            if self._slot(adapter) not in self.served.prefixes:
+                continue
+            layers, p = self.served.prefixes[self._slot(adapter)]
+            if -(-p // z) > self.pool.available:
+                raise ValueError(f"the page pool has no room for the adapter's {p} virtual "
+                                 f"tokens; raise kv_memory")
             pages = [self.pool.allocate() for _ in range(-(-p // z))]
             slots = np.asarray([pages[j // z] * z + j % z for j in range(p)], np.int32)
             values = tuple(tuple(heads_to_layout(buf, slot_axis(self.cfg))[0] for buf in layer)
                            for layer in layers)                        # [P, k, d] each
-            self.pools = _write_slots(self.pools, values, slots)
-            if self.mesh is not None:
-                self.pools = jax.tree.map(
-                    lambda b: jax.device_put(b, pool_sharding(self.mesh, b)), self.pools)
+            self.pools = jax.tree.map(lambda b: jax.device_put(
+                b, jax.devices()[0] if self.mesh is None else pool_sharding(self.mesh, b)),
+                _write_slots(self.pools, values, slots))
             root = b"" if adapter == -1 else f"adapter {adapter}".encode()
             for page, key in zip(pages, page_keys([VIRTUAL] * p, z, root)):
                 self.pool.register(page, key)
-            out[adapter] = (p, pages[-1] if p % z else None)
-        return out
+            self.virtual[adapter] = (p, pages[-1] if p % z else None)
+            self._pinned[adapter] = pages
+
+    # ---- adapters ---------------------------------------------------------------------
+
+    @property
+    def adapter_ids(self) -> list[int]:
+        """The ids requests may name (Request.adapter); -1, the base, always."""
+        return [] if self.slots is None else sorted(self.slots.ids)
+
+    def _slot(self, adapter: int) -> int:
+        return -1 if adapter == -1 else self.slots.slot(adapter)
+
+    def load_adapter(self, adapter) -> int:
+        """Serve another adapter (an adapted model of this base, or a PEFT directory) in a
+        free slot, without compiling: the new stacked weights replace the old, the
+        program stays. Returns its id (Request.adapter). Refused in one line when no slot
+        is free or the adapter does not fit the stack (rank, target modules)."""
+        if self.slots is None:
+            raise ValueError("this scheduler has no adapter slots; build it with adapters= "
+                             "or max_adapters=")
+        new = self.slots.add(adapter)
+        try:
+            self._rebuild(same_program=True)
+            self._place_virtual_tokens([new])
+        except ValueError:
+            self.slots.remove(new)
+            self._rebuild(same_program=False)
+            raise
+        return new
+
+    def unload_adapter(self, adapter: int) -> None:
+        """Stop serving an adapter (its slot becomes free). Refused while requests of it
+        are queued or running."""
+        if adapter not in self.adapter_ids:
+            raise ValueError(f"adapter {adapter!r} is not loaded")
+        busy = sum(s.req.adapter == adapter for s in (*self.waiting, *self.running.values()))
+        if busy:
+            raise ValueError(f"adapter {adapter} has {busy} requests in flight; unload it "
+                             f"once they finish")
+        self.slots.remove(adapter)
+        self._rebuild(same_program=False)
+        self.virtual.pop(adapter, None)
+        self.pool.release(self._pinned.pop(adapter, []))
+
+    def _rebuild(self, same_program: bool) -> None:
+        """The stacked weights of the slots as they are now (a new program only when
+        same_program is False: removing the last adapter of its kind may shrink it)."""
+        lm, served = self.slots.build()
+        graphs, weights = split_model(lm, self.mesh, self.keep_quantized)
+        shapes = lambda w: jax.tree.map(lambda x: (x.shape, x.dtype), w)  # noqa: E731
+        if same_program and (graphs != self.graphs or
+                             shapes(weights) != shapes(self.weights)):
+            raise ValueError("the adapter does not fit the served adapter stack (it adds "
+                             "modules or an adapter kind the stack lacks) and would need "
+                             "a new program; start with its modules in lora_targets "
+                             "(--lora-targets)")
+        self.graphs, self.weights, self.served = graphs, weights, served
+        self.stacked = served.model_ids is not None
 
     def _check_speculative(self, spec: Speculative | None) -> Speculative | None:
         if spec is None:
@@ -224,11 +296,6 @@ class Scheduler:
                              f"lookup only; source {spec.source!r} runs in "
                              f"jaxlm.infer.Engine (python -m jaxlm.infer)")
         return spec
-
-    @property
-    def n_adapters(self) -> int:
-        """Adapters requests may name (0: the base model only)."""
-        return self.served.n
 
     def _on_mesh(self):
         """The mesh in context while tracing, so MoE layers run expert-parallel."""
@@ -250,12 +317,13 @@ class Scheduler:
             raise ValueError(f"prompt token ids must be ints in [0, {self.vocab_size})")
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {req.max_tokens!r}")
-        if not isinstance(req.adapter, (int, np.integer)) or not -1 <= req.adapter < self.served.n:
-            have = (f"adapters 0..{self.served.n - 1}" if self.served.n
+        if not isinstance(req.adapter, (int, np.integer)) or (
+                req.adapter != -1 and req.adapter not in self.adapter_ids):
+            have = (f"adapters {self.adapter_ids}" if self.adapter_ids
                     else "no adapters (Scheduler(lm, adapters=[...]))")
             raise ValueError(f"adapter {req.adapter!r} does not exist: this scheduler has "
                              f"{have}; -1 is the base model")
-        virtual = self.served.virtual_tokens(int(req.adapter))
+        virtual = self.virtual.get(int(req.adapter), (0, None))[0]
         if len(p) + virtual + req.max_tokens > self.max_len:
             what = f" after the adapter's {virtual} virtual tokens" if virtual else ""
             raise ValueError(f"the prompt ({len(p)} tokens{what}) plus max_tokens "
@@ -274,7 +342,7 @@ class Scheduler:
     def submit(self, req: Request) -> None:
         self.check(req)
         # a prefix adapter's virtual tokens stand first, as placeholders (never fed)
-        tokens = [VIRTUAL] * self.served.virtual_tokens(int(req.adapter))
+        tokens = [VIRTUAL] * self.virtual.get(int(req.adapter), (0, None))[0]
         tokens += [int(t) for t in req.prompt]
         self.waiting.append(_Seq(req, -1, tokens, len(tokens)))
 
@@ -441,7 +509,7 @@ class Scheduler:
     def _model_id(self, seq: _Seq) -> int:
         """seq's index in the model's stacked adapters (-1: none)."""
         a = seq.req.adapter
-        return -1 if a == -1 or not self.stacked else int(self.served.model_ids[a])
+        return -1 if a == -1 or not self.stacked else int(self.served.model_ids[self._slot(a)])
 
     def _register_full_pages(self, seq: _Seq) -> None:
         """Full computed pages become findable by their prefix key."""

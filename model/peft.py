@@ -624,10 +624,12 @@ def _stack_loras(lm, adapted: list) -> None:
         if key not in stacked_a:
             stacked_a[key] = _stacked(here[0].a, [None if x is None else x.a[...] for x in per],
                                       lead, -1, rank)
-        b = _stacked(here[0].b, [None if x is None else x.b[...] for x in per], lead, lead,
-                     rank)
-        scales = tuple(0.0 if x is None else float(x.scale) for x in per)
-        dense.lora = LoRA(stacked_a[key], b, scales, stacked=True)
+        # Each adapter's scale is folded into its B, so the stack's own scales are all 1:
+        # the compiled step then holds no adapter's numbers, and a server can swap the
+        # adapter in a slot (new arrays, same program) without compiling again.
+        b = _stacked(here[0].b, [None if x is None else x.b[...] * x.scale for x in per],
+                     lead, lead, rank)
+        dense.lora = LoRA(stacked_a[key], b, (1.0,) * n, stacked=True)
 
 
 def _stack_bottlenecks(lm, adapted: list) -> None:

@@ -13,7 +13,11 @@ QLoRA, it runs unmerged), a bottleneck adapter runs as it is. --lora-modules NAM
 serves several (vLLM's flag; LoRA, bottleneck and prefix-tuning directories): a request's
 `model` field picks one by NAME (the base's own name picks the base), /v1/models lists
 them with the base as `parent`, and rows of different adapters share one compiled step (a
-prefix adapter's virtual tokens sit in pages of their own). --prompt-lookup N
+prefix adapter's virtual tokens sit in pages of their own). With --max-loras K free slots,
+POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter
+{"lora_name"} (vLLM's bodies) add and remove adapters while serving, without compiling
+(an adapter must fit the slots: rank <= --max-lora-rank, modules in --lora-targets).
+--prompt-lookup N
 (with --spec-tokens γ) decodes speculatively inside the continuous batch; /metrics then
 reports the acceptance rate and tokens per target forward. --mesh shards the weights and
 the KV pages over this host's devices (tensor: heads and kv heads; expert: MoE experts).
@@ -48,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the model itself (LoRA: merged)")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=DIR", help="PEFT adapters "
                    "requests pick by `model` NAME (LoRA, bottleneck, prefix; unmerged)")
+    p.add_argument("--max-loras", type=int, metavar="K", help="adapter slots (default: one "
+                   "per --lora-modules); free ones take POST /v1/load_lora_adapter")
+    p.add_argument("--max-lora-rank", type=int, metavar="R", help="the slots' LoRA rank "
+                   "(default: the largest --lora-modules rank, else 16)")
+    p.add_argument("--lora-targets", metavar="NAMES", help="modules the slots cover, e.g. "
+                   "q_proj,k_proj,v_proj,o_proj (default: the --lora-modules' targets)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="compute dtype (default: the checkpoint's)")
     from jaxlm.infer.cli import add_mesh_arg, add_quant_args, add_spec_args
@@ -115,6 +125,16 @@ def check_args(args) -> None:
     if args.adapter and args.lora_modules:
         raise ValueError("--adapter makes one adapter the model itself; with --lora-modules "
                          "serve it as NAME=DIR too")
+    for flag in ("max_loras", "max_lora_rank"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got "
+                             f"{getattr(args, flag)}")
+    if args.max_loras is not None and args.max_loras < len(args.lora_modules):
+        raise ValueError(f"--max-loras {args.max_loras} is fewer than the "
+                         f"{len(args.lora_modules)} --lora-modules")
+    if args.adapter and args.max_loras:
+        raise ValueError("--adapter makes one adapter the model itself; with --max-loras "
+                         "serve adapters through --lora-modules")
     if args.model_name and args.model_name in args.lora_modules:
         raise ValueError(f"--lora-modules name {args.model_name!r} is the base model's "
                          f"--model-name; pick another")
@@ -171,7 +191,10 @@ def build_app(args):
                       max_batched_tokens=args.max_batched_tokens, max_len=args.max_len,
                       decode_steps=args.decode_steps, cache_dtype=args.cache_dtype,
                       mesh=mesh, adapters=[args.lora_modules[n] for n in names] or None,
-                      speculative=speculative(args, lm))
+                      speculative=speculative(args, lm), max_adapters=args.max_loras,
+                      max_lora_rank=args.max_lora_rank,
+                      lora_targets=tuple(args.lora_targets.split(",")) if args.lora_targets
+                      else None)
     print(f"KV cache: {sched.pool.n_pages} pages of {sched.page_size} tokens = "
           f"{sched.capacity_tokens} tokens", file=sys.stderr, flush=True)
     if not args.no_warmup:

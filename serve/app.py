@@ -23,7 +23,7 @@ import uuid
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jaxlm.infer.scheduler import Request as SchedRequest
@@ -32,8 +32,8 @@ from jaxlm.ops.sampling import Sampling
 from .chat import ChatTemplate, encode_prompt
 from .loop import Aborted, Overloaded, ServingLoop, ShuttingDown
 from .metrics import Metrics
-from .protocol import (APIError, ChatRequest, CompletionRequest, Output, bad_request,
-                       message_dicts, validation_message)
+from .protocol import (APIError, ChatRequest, CompletionRequest, LoadLoraRequest, Output,
+                       UnloadLoraRequest, bad_request, message_dicts, validation_message)
 
 # how often a non-streaming request looks whether its client is still there (seconds)
 DISCONNECT_POLL = 1.0
@@ -56,11 +56,10 @@ def create_app(scheduler, *, tokenizer=None, model_name: str = "jaxlm", stop_tok
     if model_name in adapters:
         raise ValueError(f"adapter name {model_name!r} is the base model's name; give the "
                          f"adapter another one")
-    bad = {n: i for n, i in adapters.items()
-           if not 0 <= i < getattr(scheduler, "n_adapters", 0)}
+    bad = {n: i for n, i in adapters.items() if i not in scheduler.adapter_ids}
     if bad:
-        raise ValueError(f"adapters {bad} index no adapter of the scheduler (it has "
-                         f"{getattr(scheduler, 'n_adapters', 0)})")
+        raise ValueError(f"adapters {bad} name no adapter of the scheduler (its ids: "
+                         f"{scheduler.adapter_ids})")
     api = _API(serving, tokenizer, model_name, tuple(stop_tokens), chat_template, adapters)
 
     @contextlib.asynccontextmanager
@@ -87,6 +86,14 @@ def create_app(scheduler, *, tokenizer=None, model_name: str = "jaxlm", stop_tok
     @app.get("/v1/models", dependencies=auth)
     async def models():
         return {"object": "list", "data": api.model_cards()}
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_lora(body: LoadLoraRequest):
+        return PlainTextResponse(await api.load_adapter(body.lora_name, body.lora_path))
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_lora(body: UnloadLoraRequest):
+        return PlainTextResponse(await api.unload_adapter(body.lora_name))
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
@@ -160,6 +167,31 @@ class _API:
         served = ", ".join(repr(m) for m in [self.model_name, *self.adapters])
         raise bad_request(f"the model {model!r} does not exist; this server serves "
                           f"{served}", "model", "model_not_found")
+
+    async def load_adapter(self, name: str, path: str) -> str:
+        """Add a PEFT adapter under `name` at run time (the scheduler's free slot, no
+        compile); a 400 naming the problem otherwise."""
+        if not name or name == self.model_name or name in self.adapters:
+            raise bad_request(f"the adapter name {name!r} is taken or empty; pick another",
+                              "lora_name")
+        from jaxlm.model.io.peft import read_peft_config
+        try:
+            read_peft_config(path)
+            self.adapters[name] = await self.serving.call(lambda s: s.load_adapter(path))
+        except (ValueError, FileNotFoundError) as e:
+            raise bad_request(str(e), "lora_path") from None
+        return f"Success: LoRA adapter '{name}' added successfully."
+
+    async def unload_adapter(self, name: str) -> str:
+        if name not in self.adapters:
+            raise APIError(404, f"the adapter {name!r} is not loaded", "lora_name",
+                           "model_not_found")
+        try:
+            await self.serving.call(lambda s: s.unload_adapter(self.adapters[name]))
+        except ValueError as e:
+            raise bad_request(str(e), "lora_name") from None
+        del self.adapters[name]
+        return f"Success: LoRA adapter '{name}' removed successfully."
 
     # Endpoints -----------------------------------------------------------------------
     async def completions(self, body: CompletionRequest, request: Request):

@@ -136,6 +136,14 @@ class ServingLoop:
     def cancel(self, request_id: str) -> None:
         self._commands.put(("cancel", request_id))
 
+    async def call(self, fn):
+        """fn(scheduler) run on the engine thread between steps (the scheduler is not
+        thread-safe): its result, or its exception raised here. Call from a coroutine."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(("call", fn, loop, future))
+        return await future
+
     def stats(self) -> dict:
         """The scheduler's stats() as of the engine thread's last look (a copy)."""
         with self._lock:
@@ -178,6 +186,21 @@ class ServingLoop:
         kind = command[0]
         if kind == "submit":
             self._admit(command[1], command[2])
+        elif kind == "call":
+            _, fn, loop, future = command
+            try:
+                result, error = fn(self.sched), None
+            except Exception as e:   # the caller's to report (a ValueError: a 400)
+                result, error = None, e
+
+            def settle():
+                if future.done():
+                    return
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
+            loop.call_soon_threadsafe(settle)
         elif kind == "cancel":
             live = self._live.pop(command[1], None)
             if live is not None:  # not finished yet: free its pages now

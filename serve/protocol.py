@@ -56,6 +56,15 @@ class CompletionRequest(_Sampled):
     suffix: str | None = None
 
 
+class LoadLoraRequest(_Body):      # vLLM's POST /v1/load_lora_adapter
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(_Body):    # vLLM's POST /v1/unload_lora_adapter
+    lora_name: str
+
+
 class Message(_Body):
     role: str
     content: str | list[dict[str, Any]] | None = None

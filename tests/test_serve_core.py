@@ -22,7 +22,7 @@ from helpers import adapted_lm, drive, tiny_lm
 from jaxlm.infer import Engine, Speculative
 from jaxlm.infer.scheduler import Request, Scheduler
 from jaxlm.infer.speculative import lookup_drafts
-from jaxlm.infer.steps import RowSampling
+from jaxlm.infer.steps import RowSampling, compiled
 from jaxlm.model import Config
 from jaxlm.model import peft as P
 from jaxlm.model.build import with_heads
@@ -99,6 +99,44 @@ def test_prefix_keys_keep_adapters_apart(models, wanted):
     assert sched.stats()["prefix_hit_tokens"] > hits
     assert first["-1"] == wanted[7]
     assert first["0"] != first["-1"] or first["1"] != first["-1"]
+
+
+def test_adapters_load_and_unload_while_serving_without_compiling():
+    """Free slots take new adapters (a LoRA on a subset of the stack's modules with a
+    smaller rank, a prefix adapter) into the same compiled programs; their rows equal each
+    adapted model alone, the others' rows are unchanged; an unloaded id is refused, and an
+    adapter that does not fit the stack is refused in one line."""
+    base = tiny_lm(CFG, seed=1)
+    lora = lambda r, t, seed: adapted_lm(base, P.LoraSpec(r=r, alpha=2.0 * r,  # noqa: E731
+                                                          targets=t), seed=seed)
+    a, b = lora(4, ("q_proj", "v_proj"), 1), lora(2, ("v_proj", "o_proj"), 2)
+    sched = Scheduler(base, adapters=[a, b], max_adapters=4, max_seqs=4, page_size=4,
+                      max_batched_tokens=32, decode_steps=1)
+    prompts = [PROMPTS[0], PROMPTS[2]]
+
+    def served(adapter, lm):
+        out = drive(sched, [(0, Request(prompt=p, max_tokens=N, adapter=adapter, id=str(i)))
+                            for i, p in enumerate(prompts)])
+        return [out["0"], out["1"]] == Engine(lm).generate(prompts, max_new_tokens=N)
+    sched.warmup()      # every program of the menu, as the server compiles before serving
+    step = compiled(sched.graphs)
+    programs = step._cache_size()
+    assert served(0, a)
+    c = lora(3, ("q_proj", "o_proj"), 3)
+    prefix = adapted_lm(base, P.PrefixSpec(tokens=3), seed=4)
+    c_id, prefix_id = sched.load_adapter(c), sched.load_adapter(prefix)
+    assert (c_id, prefix_id) == (2, 3) and compiled(sched.graphs) is step
+    assert served(c_id, c) and served(prefix_id, prefix) and served(1, b)
+    assert step._cache_size() == programs        # the same programs ran the new adapters
+    sched.unload_adapter(0)
+    with pytest.raises(ValueError, match="adapter 0 does not exist"):
+        sched.submit(Request(prompt=[1], max_tokens=2, adapter=0))
+    for bad, match in ((lora(8, ("q_proj",), 5), "rank 8 exceeds"),
+                       (lora(2, ("k_proj",), 6), "does not fit")):
+        with pytest.raises(ValueError, match=match):
+            sched.load_adapter(bad)
+    assert served(c_id, c) and served(1, b)
+    sched.pool.check_whole()
 
 
 def test_lookup_drafts_equal_the_device_lookup():
@@ -226,7 +264,8 @@ def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
     hf.save_pretrained(tmp_path / "base")
     dirs = {}
     for name, targets, seed in (("a", ["q_proj", "v_proj"], 1),
-                                ("b", ["k_proj", "o_proj", "up_proj"], 2)):
+                                ("b", ["k_proj", "o_proj", "up_proj"], 2),
+                                ("c", ["q_proj", "up_proj"], 3)):   # loaded while serving
         torch.manual_seed(seed)
         model = get_peft_model(LlamaForCausalLM(config).eval(),
                                LoraConfig(r=4, lora_alpha=8, target_modules=targets))
@@ -256,6 +295,7 @@ def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
         [sys.executable, "-m", "jaxlm.serve", "--hf", str(tmp_path / "base"), "--port", "0",
          "--model-name", "llama", "--lora-modules", f"a={dirs['a']}", f"b={dirs['b']}",
          "--prompt-lookup", "3", "--spec-tokens", "3", "--mesh", "tensor=2",
+         "--max-loras", "3",
          "--max-seqs", "4", "--max-batched-tokens", "32", "--max-len", "64",
          "--page-size", "16", "--no-warmup"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -274,13 +314,26 @@ def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
                 "return_token_ids": True}, timeout=300)
             assert r.status_code == 200, r.text
             return name, i, r.json()["choices"][0]["token_ids"]
-        jobs = [(name, i) for i in range(len(prompts)) for name in want]
+        jobs = [(name, i) for i in range(len(prompts)) for name in ("llama", "a", "b")]
         with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
             for name, i, got in pool.map(ask, jobs):
                 assert got == want[name][i], (name, i)
-        r = requests.post(url + "/v1/completions", json={"model": "c", "prompt": [1]})
-        assert r.status_code == 404 or r.status_code == 400
-        assert "'c' does not exist" in r.json()["error"]["message"]
+        # vLLM's run-time adapter endpoints: c into the free slot, then a out
+        r = requests.post(url + "/v1/load_lora_adapter",
+                          json={"lora_name": "c", "lora_path": dirs["c"]})
+        assert r.status_code == 200, r.text
+        assert [ask(("c", i))[2] for i in range(len(prompts))] == want["c"]
+        r = requests.post(url + "/v1/load_lora_adapter",
+                          json={"lora_name": "d", "lora_path": str(tmp_path / "nowhere")})
+        assert r.status_code == 400 and "\n" not in r.json()["error"]["message"]
+        r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "a"})
+        assert r.status_code == 200, r.text
+        assert [m["id"] for m in requests.get(url + "/v1/models").json()["data"]] == [
+            "llama", "b", "c"]
+        r = requests.post(url + "/v1/completions", json={"model": "a", "prompt": [1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+        r = requests.post(url + "/v1/completions", json={"model": "zzz", "prompt": [1]})
+        assert r.status_code == 400 and "'zzz' does not exist" in r.json()["error"]["message"]
         metrics = requests.get(url + "/metrics").text
         rate = float(next(line.split()[-1] for line in metrics.splitlines()
                           if line.startswith("jaxlm_spec_acceptance_rate ")))
@@ -297,10 +350,10 @@ def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
     (["--draft", "."], "--prompt-lookup"),
     (["--mesh", "tensor=x"], "--mesh"),
 ])
-def test_server_bad_flags_are_one_line(tmp_path, flags, match):
+def test_server_bad_flags_are_one_line(tmp_path, capsys, flags, match):
+    """Checked before any model loads (in process: nothing starts)."""
+    from jaxlm.serve.__main__ import main
     (tmp_path / "config.json").write_text("{}")
-    r = subprocess.run([sys.executable, "-m", "jaxlm.serve", "--hf", str(tmp_path), *flags],
-                       capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
+    assert main(["--hf", str(tmp_path), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
