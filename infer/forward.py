@@ -66,11 +66,33 @@ def split_model(lm: CausalLM, mesh: Mesh | None = None,
     keep_quantized = bool(keep_quantized and lm.cfg.weight_quant is not None)
     outer_graph, outer_state, layer_graphs, layer_states = split_layers(lm)
     if mesh is not None:
+        outer_state = _pad_vocab(outer_state, lm.cfg.vocab_size, mesh)
         outer_state = jax.device_put(outer_state, sharding.state_shardings(outer_state, mesh))
         layer_states = tuple(jax.device_put(st, sharding.state_shardings(st, mesh, drop=1))  # no 'layers'
                              for st in layer_states)
     return (LayerGraphs(lm.cfg, outer_graph, layer_graphs, mesh, keep_quantized),
             LayerWeights(outer_state, layer_states))
+
+
+def _pad_vocab(state, vocab: int, mesh: Mesh):
+    """Every 'vocab' dim (embedding rows, LM-head columns, a LoRA's B on the head) padded
+    with zeros to a multiple of the mesh's tensor axis, as vLLM and MaxText pad, so a
+    vocabulary that does not divide it (GPT-2's 50257) still splits over it. The padded
+    ids are never looked up, and CausalLM.project drops their logits."""
+    t = mesh.shape.get("tensor", 1)
+    if t == 1 or vocab % t == 0:
+        return state
+    padded = -(-vocab // t) * t
+
+    def one(var):
+        names = var.get_metadata().get("out_sharding") or ()
+        dims = [i for i, n in enumerate(names) if n == "vocab" and var.shape[i] == vocab]
+        if not dims:
+            return var
+        widths = [(0, 0)] * len(var.shape)
+        widths[dims[0]] = (0, padded - vocab)
+        return var.replace(jnp.pad(var[...], widths))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def loop_weights(graphs: LayerGraphs, weights: LayerWeights, counter) -> LayerWeights:

@@ -226,7 +226,8 @@ class CausalLM(nnx.Module):
         cfg = self.cfg
         with jax.named_scope("lm_head"):
             logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h, peft)
-            logits = logits.astype(jnp.float32)
+            # a vocabulary padded to split over a mesh (infer.forward): its pad columns go
+            logits = logits[..., :cfg.vocab_size].astype(jnp.float32)
             if cfg.final_softcap is not None:
                 logits = ops.soft_cap(logits, cfg.final_softcap)
             return logits

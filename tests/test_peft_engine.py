@@ -108,7 +108,12 @@ def test_stacked_model_forward_equals_each_adapted_model(mixed):
     weighted = [adapted[i] for i in (0, 1, 3)]
     stacked = P.attach_stacked(nnx.merge(*nnx.split(base)), weighted)
     q = stacked.blocks[0].attn.q_proj.lora
-    assert q.stacked and q.a[...].shape == (2, 3, 32, 2) and q.scale == (2.0, 0.0, 0.0)
+    # each adapter's scale (alpha/r: 2 for the first, which alone targets q_proj) is
+    # folded into its B, so the stack's own scales are all 1 and the program holds none
+    assert q.stacked and q.a[...].shape == (2, 3, 32, 2) and q.scale == (1.0, 1.0, 1.0)
+    own = adapted[0].blocks[0].attn.q_proj.lora
+    np.testing.assert_allclose(q.b[...][:, 0], own.scale * own.b[...], rtol=1e-6)
+    assert own.scale == 2.0 and not np.any(q.b[...][:, 1:])
     assert stacked.blocks[0].mlp.gate.lora.a[...].shape == (2, 3, 32, 5)
     assert stacked.blocks[0].mlp_adapter.down[...].shape == (2, 3, 32, 6)
     assert P.adapters_of(base) == []              # the base itself stays bare

@@ -222,6 +222,14 @@ def test_lora_run_resumes_bitwise_and_holds_the_adapter_only(setup):
         assert infer_main(["--checkpoint", full, "--prompt-ids", "1,2,3,4,5,6,7,8",
                            "--max-new-tokens", "5"]) == 0
     assert buf.getvalue() == load_run(full)[1].decode(out_ids) + "\n"
+    # ... and on a mesh: the adapter is restored into its shards beside the base's (it
+    # was restored whole on one device, and the engine refused the mixed placement)
+    r = subprocess.run([sys.executable, "-m", "jaxlm.infer", "--checkpoint", full,
+                        "--prompt-ids", "1,2,3,4,5,6,7,8", "--max-new-tokens", "5",
+                        "--mesh", "tensor=2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ,
+                            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    assert r.returncode == 0 and r.stdout == buf.getvalue(), r.stderr[-2000:]
 
     # A base whose content changed since is refused on resume, in one line
     with open(os.path.join(base, "run.json")) as f:

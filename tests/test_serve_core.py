@@ -237,16 +237,21 @@ def test_bad_combinations_are_refused_in_one_line(models):
 def test_scheduler_on_a_mesh_equals_one_device():
     """tests/scripts/sharded_scheduler.py on 4 emulated devices: adapters + prompt lookup on
     tensor=2; QLoRA (int8 base) + int8 KV cache + lookup on data=2,tensor=2; MoE + lookup
-    on expert=2 — the same tokens as one device, pools split by kv heads."""
+    on expert=2; a vocabulary of 63 on tensor=2 (padded to 64, scheduler and engine) —
+    the same tokens as one device, pools split by kv heads."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "sharded_scheduler.py")
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout.strip().splitlines()[-1])
-    assert set(report) == {"tensor_lookup", "data_tensor_qlora_int8", "expert_lookup"}
+    assert set(report) == {"tensor_lookup", "data_tensor_qlora_int8", "expert_lookup",
+                           "odd_vocab_tensor"}
     for name, case in report.items():
         assert case["equal"] and case["tokens"] > 0, name
         assert case["stats"]["spec_accepted"] > 0, name
     assert report["tensor_lookup"]["pool_spec"].endswith("(None, None, 'tensor')")
+    odd = report["odd_vocab_tensor"]        # 63 ids padded to 64 rows, split over tensor
+    assert odd["engine_equal"] and odd["embed_rows"][0] == 64
+    assert "tensor" in odd["embed_rows"][1]
 
 
 # The server: two PEFT LoRAs, prompt lookup and tensor=2, against transformers + PEFT -----

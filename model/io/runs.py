@@ -21,6 +21,7 @@ from flax import nnx
 from ..build import (SplitModel, abstract_model, initial_non_params, non_param_shardings,
                      param_shardings)
 from ..config import Config
+from ..sharding import state_shardings
 from .tokenizer import load_tokenizer
 
 RUN_FILE = "run.json"
@@ -151,16 +152,18 @@ def _load_adapter_run(run_dir: str, meta: dict, step, dtype, mesh):
     base, _ = load_base(ref["path"], dtype or meta["model"].get("dtype"), ref.get("step"),
                         mesh, expect=ref["sha256"])
     if meta.get("peft"):
-        split = SplitModel(peft.attach(base, peft.spec_from_dict(meta["peft"])),
-                           trainable=peft.Adapter)
+        model, trainable = peft.attach(base, peft.spec_from_dict(meta["peft"])), peft.Adapter
     else:
-        model = meta["model"]
-        split = SplitModel(with_heads(base, model["mtp_depth"], model["medusa_heads"]),
-                           trainable=HEADS)
+        model, trainable = with_heads(base, meta["model"]["mtp_depth"],
+                                      meta["model"]["medusa_heads"]), HEADS
+    # on a mesh the adapter (or heads) is restored into its shards, beside the base's
+    where = None if mesh is None else state_shardings(nnx.state(model, trainable),
+                                                        mesh).to_pure_dict()
+    split = SplitModel(model, trainable=trainable)
     mngr = checkpoint_manager(run_dir, read_only=True, item_names=(PARAMS_ITEM,))
     step = _pick_step(mngr, run_dir, step)
     restored = mngr.restore(step, args=ocp.args.Composite(
-        **{PARAMS_ITEM: ocp.args.StandardRestore(_target(split.params))}))
+        **{PARAMS_ITEM: ocp.args.StandardRestore(_target(split.params, where))}))
     mngr.close()
     return (split.merge(restored[PARAMS_ITEM]),
             load_tokenizer(meta["tokenizer"], base_dir=run_dir), step)

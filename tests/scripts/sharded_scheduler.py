@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from helpers import adapted_lm, drive, tiny_lm  # noqa: E402
 
-from jaxlm.infer import Speculative  # noqa: E402
+from jaxlm.infer import Engine, Speculative  # noqa: E402
 from jaxlm.infer.scheduler import Request, Scheduler  # noqa: E402
 from jaxlm.model import Config  # noqa: E402
 from jaxlm.model import peft as P  # noqa: E402
@@ -57,6 +57,9 @@ for name, cfg, mesh_spec, kw in [
         ("data_tensor_qlora_int8", DENSE, "data=2,tensor=2",
          {"cache_dtype": "int8", "quantize": "int8", "speculative": LOOKUP}),
         ("expert_lookup", MOE, "expert=2", {"speculative": Speculative("lookup", 2, ngram=3)}),
+        # a vocabulary that tensor=2 does not divide (as GPT-2's 50257): padded, logits cut
+        ("odd_vocab_tensor", DENSE.replace(vocab_size=63), "tensor=2",
+         {"speculative": LOOKUP}),
 ]:
     base = tiny_lm(cfg)
     if kw.pop("quantize", None):
@@ -68,4 +71,10 @@ for name, cfg, mesh_spec, kw in [
     sharded, sched, spec = run(base, adapters, mesh, **kw)
     report[name] = {"equal": one == sharded, "tokens": sum(map(len, one.values())),
                     "pool_spec": spec, "stats": sched.stats()}
+    if name == "odd_vocab_tensor":   # the engine's path too, and the embedding's split
+        want = Engine(adapters[0]).generate(PROMPTS, max_new_tokens=10)
+        engine = Engine(adapters[0], mesh=mesh)
+        report[name]["engine_equal"] = engine.generate(PROMPTS, max_new_tokens=10) == want
+        table = engine.weights.outer["embed"]["embedding"][...]
+        report[name]["embed_rows"] = [table.shape[0], str(table.sharding.spec)]
 print(json.dumps(report))
