@@ -569,9 +569,6 @@ def report(args, cfg, reqs, res, env) -> None:
           f"static engine ({ds['static_slots']} slots in place): {ds['static_ms']:.2f}")
 
 
-if __name__ == "__main__":
-    main()
-
 
 GOAL_ADAPTERS, GOAL_SPECULATIVE = 0.8, 1.3
 
@@ -594,3 +591,7 @@ def report_features(args, res, env) -> None:
             print(f"| {clients} | {r['plain']:.0f} | {r['spec']:.0f} | {r['ratio']:.2f}x "
                   f"(>= {GOAL_SPECULATIVE:g}x) | {r['acceptance']:.2f} | "
                   f"{r['per_forward']:.2f} | {r['same']} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -36,13 +36,14 @@ the request's own page, the copy-on-write path), so its prompt sits at positions
 in CausalLM.init_cache.
 
 Speculative decoding (`speculative=Speculative("lookup", n_draft=γ, ngram=N)`): while every
-sequence decodes, a step is one verification round instead: each row feeds its newest
-token and γ drafts looked up on the host in its own prompt and output (prompt lookup),
-the target's logits at those γ+1 positions decide, per row and with the row's own
-sampling settings, how many drafts it accepts (exact: greedy equals plain greedy, sampled
-output keeps the target's distribution; jaxlm.ops.speculative), and it emits them plus one
-token of the target's own. Pages are reserved for the γ+1 slots a round writes; slots of
-rejected drafts lie past the row's computed length and are overwritten next round.
+sequence decodes, a step is `decode_steps` verification rounds in one call instead: each
+round a row looks up γ drafts in its own prompt and output on the device (prompt lookup),
+feeds its newest token and them, and the target's logits at those γ+1 positions decide,
+per row and with the row's own sampling settings, how many drafts it accepts (exact:
+greedy equals plain greedy, sampled output keeps the target's distribution;
+jaxlm.ops.speculative); it emits them plus one token of the target's own. Pages are
+reserved for what the rounds may write; slots of rejected drafts lie past the row's
+computed length and are overwritten later.
 
 Mesh (`mesh=`): weights are laid out by the logical-axis rules (tensor-parallel heads and
 MLP, experts over 'expert'), every page pool splits its kv heads over 'tensor', and each
@@ -72,8 +73,8 @@ from .adapter_slots import AdapterSlots
 from .adapters import prepare
 from .forward import split_model
 from .pages import PagePool, page_keys
-from .speculative import Speculative, lookup_drafts
-from .steps import DecodeInputs, MixedInputs, Shapes, VerifyInputs, compiled, pool_sharding
+from .speculative import Speculative
+from .steps import DecodeInputs, MixedInputs, Shapes, SpecInputs, compiled, pool_sharding
 
 
 VIRTUAL = -1   # a prefix adapter's virtual token in a sequence's token list (not an id)
@@ -287,6 +288,12 @@ class Scheduler:
         self.graphs, self.weights, self.served = graphs, weights, served
         self.stacked = served.model_ids is not None
 
+    @property
+    def history_width(self) -> int:
+        """Columns of a speculative call's token history: every slot, and room for one
+        round's writes past the last."""
+        return self.pages_per_seq * self.page_size + self.spec.n_draft + 1
+
     def _check_speculative(self, spec: Speculative | None) -> Speculative | None:
         if spec is None:
             return None
@@ -391,7 +398,7 @@ class Scheduler:
         decoding = not copies and all(k == 1 and seq.computed + 1 == len(seq.tokens)
                                       for seq, k in work)
         if decoding and self.spec is not None:
-            return self._verify_run([seq for seq, _ in work])
+            return self._spec_run([seq for seq, _ in work])
         if decoding and self.decode_steps > 1:
             return self._decode_run([seq for seq, _ in work])
         sampled = self._run(work, copies)
@@ -619,51 +626,39 @@ class Scheduler:
             events.append(event)
         return events
 
-    def _verify_run(self, seqs) -> list[Event]:
-        """One speculative round for every running sequence (all decoding): drafts by
-        prompt lookup, γ_r ≤ γ per row (fewer near max_tokens, the context's end or when
-        the pool has no page for them), one target forward over γ+1 tokens a row."""
+    def _spec_run(self, seqs) -> list[Event]:
+        """decode_steps speculative rounds in one call while every running sequence
+        decodes (steps._speculate: drafts by prompt lookup on the device). Each row takes
+        pages for what those rounds may write, never past max_tokens or the context
+        (never preempting for it), and keeps the tokens up to its first finish."""
         n, z, g = self.max_seqs, self.page_size, self.spec.n_draft
-        end = self.pages_per_seq * z
-        plan = {}
+        rounds = self.decode_steps
         for seq in seqs:
-            want = min(g, seq.req.max_tokens - len(seq.generated) - 1,
-                       end - seq.computed - 1)
-            self._reserve(seq, seq.computed + 1 + max(want, 0))   # as many as the pool has
-            gamma = max(0, min(want, len(seq.pages) * z - seq.computed - 1))
-            plan[seq.row] = lookup_drafts(seq.tokens, self.spec.ngram, gamma)
+            room = min(rounds * (g + 1), seq.req.max_tokens - len(seq.generated) + g)
+            self._reserve(seq, min(seq.computed + room, self.pages_per_seq * z))
         width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
-        self.shapes.add(("verify", g, width))
-        x = VerifyInputs.empty(n, g, width, self.stacked)
-        rows = x.pages.segments[0]
+        self.shapes.add(("spec", rounds, width))
+        x = SpecInputs.empty(n, width, self.history_width, self.stacked)
         for seq in seqs:
-            r, drafts = seq.row, plan[seq.row]
-            k = len(drafts) + 1
-            pos = seq.computed + np.arange(k)
-            page_ids = np.asarray(seq.pages, np.int32)
-            i = r * (g + 1)
-            x.tokens[i:i + k] = [seq.tokens[-1], *drafts]
-            x.positions[i:i + g + 1] = seq.computed + np.arange(g + 1)
-            x.pages.slots[i:i + k] = page_ids[pos // z] * z + pos % z
-            rows.block_tables[r, :len(page_ids)] = page_ids
-            rows.kv_lengths[r] = seq.computed + k
-            x.drafts[r, :len(drafts)], x.n_draft[r] = drafts, len(drafts)
+            r = seq.row
+            x.history[r, :len(seq.tokens)] = seq.tokens
+            x.lengths[r], x.limits[r] = len(seq.tokens), len(seq.pages) * z
+            x.tables[r, :len(seq.pages)] = seq.pages
             x.sampling.set(r, seq.req, len(seq.generated))
             if self.stacked:
-                x.adapters[i:i + g + 1] = self._model_id(seq)
+                x.adapters[r] = self._model_id(seq)
         with self._on_mesh():
-            (accepted, nxt), self.pools = compiled(self.graphs, verify=True)(
+            outs, self.pools = compiled(self.graphs, rounds, (g, self.spec.ngram))(
                 self.weights, self.pools, x)
-        accepted, nxt = np.asarray(accepted), np.asarray(nxt)
+        out, counts, drafted, accepted, taken = (np.asarray(a) for a in outs)
         events = []
         for seq in seqs:
-            r, drafts = seq.row, plan[seq.row]
-            a = int(accepted[r])
-            event = self._emit(seq, [*drafts[:a], int(nxt[r])])
-            # K/V are right for the token fed first and the accepted drafts after it
+            r = seq.row
+            event = self._emit(seq, out[r, :counts[r]].tolist())
+            # K/V are right for the token fed first and every emitted one but the last
             seq.computed += len(event.tokens)
-            self.counts.update(spec_rounds=1, spec_drafted=len(drafts), spec_accepted=a,
-                               spec_emitted=len(event.tokens))
+            self.counts.update(spec_rounds=int(taken[r]), spec_drafted=int(drafted[r]),
+                               spec_accepted=int(accepted[r]), spec_emitted=int(counts[r]))
             self._register_full_pages(seq)
             if event.finished:
                 self._retire(seq)
@@ -682,10 +677,11 @@ class Scheduler:
                     _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
                     self.shapes.add((m, c, width))
                 if self.spec is not None:
-                    g = self.spec.n_draft
-                    _, self.pools = compiled(self.graphs, verify=True)(
-                        self.weights, self.pools, VerifyInputs.empty(n, g, width, stacked))
-                    self.shapes.add(("verify", g, width))
+                    _, self.pools = compiled(self.graphs, self.decode_steps,
+                                             (self.spec.n_draft, self.spec.ngram))(
+                        self.weights, self.pools,
+                        SpecInputs.empty(n, width, self.history_width, stacked))
+                    self.shapes.add(("spec", self.decode_steps, width))
                 elif self.decode_steps > 1:
                     _, self.pools = compiled(self.graphs, self.decode_steps)(
                         self.weights, self.pools, DecodeInputs.empty(n, width, stacked))

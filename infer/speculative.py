@@ -52,31 +52,6 @@ PAD = -1
 SOURCES = ("draft", "lookup", "medusa", "mtp")
 
 
-def lookup_drafts(tokens, max_ngram: int, n_draft: int) -> list[int]:
-    """Prompt lookup on the host, for the paged scheduler: ops.speculative.ngram_propose
-    for one row whose history is `tokens` (prompt and output, the newest last). The
-    tokens that followed the latest earlier occurrence of the last n tokens, for the
-    largest n <= max_ngram that occurs; past the newest token, and with no match, the
-    newest token repeats. n_draft of them (0: none)."""
-    if n_draft <= 0:
-        return []
-    h = np.asarray(tokens, np.int64)
-    last = len(h) - 1
-    best = -1
-    for n in range(min(max_ngram, last + 1), 0, -1):
-        # candidates p in [n-1, last): h[p-i] == h[last-i] for i < n
-        ok = np.ones(last - (n - 1), bool)
-        for i in range(n):
-            ok &= h[n - 1 - i:last - i] == h[last - i]
-        hits = np.flatnonzero(ok)
-        if hits.size:
-            best = int(hits[-1]) + n - 1
-            break
-    start = best + 1 if best >= 0 else last
-    idx = np.minimum(start + np.arange(n_draft), last)
-    return h[idx].tolist()
-
-
 @dataclasses.dataclass(frozen=True)
 class Speculative:
     """The engine's speculative setting. source: one of SOURCES; n_draft: γ, drafts per

@@ -30,7 +30,7 @@ from jaxlm.model.cache import PageIndex, PagedRows
 from jaxlm.model.peft import PeftInputs
 from jaxlm.model.sharding import activation_sharding
 from jaxlm.ops.sampling import greedy, probabilities_rows, sample_rows
-from jaxlm.ops.speculative import greedy_accept, rejection_accept
+from jaxlm.ops.speculative import greedy_accept, ngram_propose, rejection_accept
 
 from .forward import loop_weights, outer_model, paged_hidden
 
@@ -67,13 +67,14 @@ class RowSampling:
         return sample_rows(self.keys(offset), logits, self.temperature, self.top_k,
                            self.top_p, self.min_p)
 
-    def verify(self, drafts, n_draft, logits):
+    def verify(self, drafts, n_draft, logits, offset=0):
         """Speculative verification, each row with its own settings: drafts [n,γ] (the
         first n_draft [n] real; drafts come without probabilities, so q is one-hot),
         logits [n,γ+1,v] at the verified positions. Greedy rows accept the drafts that
         equal the target's argmax; sampled rows follow the rejection rule on their own
         filtered distribution (ops.speculative), so outputs keep the target's
-        distribution. (accepted n [n], the token after them [n])."""
+        distribution. offset: as sample's (each round its own keys). (accepted n [n], the
+        token after them [n])."""
         g = drafts.shape[1]
         cols = jnp.arange(g)[None]
         real = cols < n_draft[:, None]
@@ -87,12 +88,13 @@ class RowSampling:
                                    rep(self.temperature), rep(self.top_k), rep(self.top_p),
                                    rep(self.min_p)).reshape(logits.shape)
             one = jax.vmap(lambda k, d, q: rejection_accept(k, d[None], q[None]))
-            n, nxt = one(self.keys(), jnp.maximum(drafts, 0), p)
+            keys = self.keys(offset)
+            n, nxt = one(keys, jnp.maximum(drafts, 0), p)
             n = jnp.minimum(n[:, 0], n_draft)   # columns past n_draft were rejected
             # a row cut short draws its next token from p at n (the rule's bonus draw)
             at_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
             bonus = jax.vmap(lambda k, q: jax.random.categorical(
-                jax.random.fold_in(k, 1), jnp.log(q)))(self.keys(), at_n)
+                jax.random.fold_in(k, 1), jnp.log(q)))(keys, at_n)
             return n, jnp.where(n < n_draft, nxt[:, 0], bonus.astype(jnp.int32))
         hot = self.temperature > 0
         n_s, next_s = jax.lax.cond(jnp.any(hot), sampled,
@@ -162,27 +164,25 @@ class DecodeInputs:
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "tokens", "positions", "pages", "drafts", "n_draft", "sampling", "adapters"],
-    meta_fields=[])
+    "history", "lengths", "tables", "limits", "sampling", "adapters"], meta_fields=[])
 @dataclasses.dataclass
-class VerifyInputs:
-    """One speculative round for every decoding row: row r feeds its newest token and
-    γ drafts (n_draft[r] real ones; the rest write nowhere) at positions computed..."""
-    tokens: jax.Array        # [n·(γ+1)] row-major
-    positions: jax.Array     # [n·(γ+1)]
-    pages: PageIndex         # one segment of n rows × (γ+1) queries
-    drafts: jax.Array        # [n, γ]
-    n_draft: jax.Array       # [n]
+class SpecInputs:
+    """Speculative rounds for every decoding row (infer/scheduler.py): each row's tokens
+    by position (prompt and output; its newest token at lengths-1 is not in the cache
+    yet), its pages, and how many slots they hold (writes and drafts stop there)."""
+    history: jax.Array       # [n, H] (-1 past the row's tokens)
+    lengths: jax.Array       # [n] tokens known (0: idle row)
+    tables: jax.Array        # [n, p]
+    limits: jax.Array        # [n]
     sampling: RowSampling
-    adapters: jax.Array | None = None   # [n·(γ+1)]
+    adapters: jax.Array | None = None   # [n]
 
     @classmethod
-    def empty(cls, n: int, g: int, width: int, stacked: bool = False) -> "VerifyInputs":
-        t = n * (g + 1)
-        return cls(np.zeros(t, np.int32), np.zeros(t, np.int32),
-                   PageIndex(np.full(t, -1, np.int32), (_rows(n, g + 1, width),)),
-                   np.zeros((n, g), np.int32), np.zeros(n, np.int32), RowSampling.empty(n),
-                   _adapter_ids(t, stacked))
+    def empty(cls, n: int, width: int, history: int, stacked: bool = False) -> "SpecInputs":
+        zeros = lambda: np.zeros(n, np.int32)  # noqa: E731
+        return cls(np.full((n, history), -1, np.int32), zeros(),
+                   np.zeros((n, width), np.int32), zeros(), RowSampling.empty(n),
+                   _adapter_ids(n, stacked))
 
 
 def pool_sharding(mesh, buf):
@@ -235,24 +235,72 @@ def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
     return out, pools
 
 
-def _verify(graphs, weights, pools, x: VerifyInputs):
-    """Target logits at every fed position, then each row's accepted count and next token
-    (RowSampling.verify)."""
-    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
-                            x.pages, _peft(x.adapters))
-    logits = outer_model(graphs, weights).project(h, _peft(x.adapters))[0]    # [n(γ+1),v]
-    n, g = x.drafts.shape
-    accepted, nxt = x.sampling.verify(x.drafts, x.n_draft, logits.reshape(n, g + 1, -1))
-    return (accepted, nxt), _pinned(graphs, pools)
+def _speculate(graphs, rounds: int, g: int, ngram: int, weights, pools, x: SpecInputs):
+    """`rounds` speculative rounds in one fori_loop, drafting on the device: each round a
+    row looks up γ drafts in its history (prompt lookup, ops.speculative.ngram_propose),
+    feeds its newest token and them (γ+1 tokens; fewer where its pages end), and accepts
+    per RowSampling.verify; the emitted tokens join its history and the next round starts
+    from them. So a host round trip carries up to rounds·(γ+1) tokens per row, as the
+    plain decode loop carries `steps`. Returns ((tokens [n, rounds·(γ+1)], counts [n],
+    drafted [n], accepted [n], rounds taken [n]), pools); the host keeps each row's tokens
+    up to its first finish."""
+    z = pools[0][0].shape[1]
+    n = x.lengths.shape[0]
+    cols = jnp.arange(g + 1, dtype=jnp.int32)[None]
+    peft = _peft(None if x.adapters is None else jnp.repeat(x.adapters, g + 1))
+
+    def body(i, carry):
+        hist, lengths, pools, out, counts, stats = carry
+        c = lengths - 1                                   # the newest token's position
+        live = (lengths > 0) & (c < x.limits)
+        n_draft = jnp.where(live, jnp.clip(x.limits - c - 1, 0, g), 0)
+        drafts, _ = ngram_propose(hist, jnp.maximum(lengths, 1), ngram, g)
+        last = jnp.take_along_axis(hist, jnp.maximum(c, 0)[:, None], axis=1)
+        pos = c[:, None] + cols                                                 # [n, γ+1]
+        page = jnp.take_along_axis(x.tables, jnp.clip(pos // z, 0, x.tables.shape[1] - 1),
+                                   axis=1)
+        slots = jnp.where(live[:, None] & (cols <= n_draft[:, None]), page * z + pos % z, -1)
+        index = PageIndex(slots.reshape(-1), (PagedRows(
+            x.tables, jnp.where(live, c + n_draft + 1, 0), g + 1),))
+        w = loop_weights(graphs, weights, i)
+        tokens = jnp.concatenate([last, drafts], axis=1)
+        h, pools = paged_hidden(graphs, w, tokens.reshape(1, -1), pos.reshape(1, -1), pools,
+                                index, peft)
+        logits = outer_model(graphs, w).project(h, peft)[0].reshape(n, g + 1, -1)
+        accepted, nxt = x.sampling.verify(drafts, n_draft, logits, offset=i * (g + 1))
+        e = jnp.where(live, accepted + 1, 0)
+        emitted = jnp.where(cols < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
+                            nxt[:, None])
+        keep = cols < e[:, None]
+        hist = _put(hist, emitted, keep, lengths)
+        out = _put(out, emitted, keep, counts)
+        stats = stats + jnp.stack([n_draft, jnp.where(live, accepted, 0),
+                                   live.astype(jnp.int32)])
+        return hist, lengths + e, _pinned(graphs, pools), out, counts + e, stats
+
+    out = jnp.full((n, rounds * (g + 1)), -1, jnp.int32)
+    carry = (x.history, x.lengths, pools, out, jnp.zeros(n, jnp.int32),
+             jnp.zeros((3, n), jnp.int32))
+    _, _, pools, out, counts, stats = jax.lax.fori_loop(0, rounds, body, carry)
+    return (out, counts, stats[0], stats[1], stats[2]), pools
+
+
+def _put(buf, vals, keep, starts):
+    """buf [n, W] with vals [n, w] written at columns starts.. where keep [n, w]."""
+    def one(row, v, k, s):
+        old = jax.lax.dynamic_slice(row, (s,), v.shape)
+        return jax.lax.dynamic_update_slice(row, jnp.where(k, v, old), (s,))
+    return jax.vmap(one)(buf, vals, keep, starts)
 
 
 @functools.lru_cache(maxsize=8)
-def compiled(graphs, steps: int = 0, verify: bool = False):
+def compiled(graphs, steps: int = 0, spec: tuple | None = None):
     """The jitted program with the model's graphs bound (as a static jit argument they
     would be hashed every step, ~1 ms); cached, so schedulers of one model share them.
-    steps 0: mixed_step; K: decode_steps over K tokens; verify: a speculative round."""
-    if verify:
-        fn = functools.partial(_verify, graphs)
+    steps 0: mixed_step; K: decode_steps over K tokens; spec (γ, ngram): K speculative
+    rounds."""
+    if spec is not None:
+        fn = functools.partial(_speculate, graphs, max(steps, 1), *spec)
     elif steps:
         fn = functools.partial(_decode, graphs, steps)
     else:

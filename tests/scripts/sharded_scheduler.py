@@ -34,14 +34,14 @@ SPECS = [P.LoraSpec(r=2, alpha=4.0, targets=("q_proj", "v_proj", "lm_head")),
          P.BottleneckSpec(dim=6, activation="gelu")]
 rng = np.random.default_rng(0)
 # repetitive prompts, so prompt lookup finds drafts
-PROMPTS = [(rng.integers(0, 6, 4).tolist() * 8)[:n] for n in (5, 9, 3, 17, 6, 12)]
-IDS = [0, 1, 2, -1, 1, 0]
+PROMPTS = [(rng.integers(0, 6, 4).tolist() * 8)[:n] for n in (5, 9, 17, 6)]
+IDS = [0, 1, 2, -1]
 
 
 def run(lm, adapters, mesh, **kw):
     sched = Scheduler(lm, adapters=adapters, mesh=mesh, max_seqs=4, page_size=4,
                       max_batched_tokens=32, **kw)
-    reqs = [Request(prompt=p, max_tokens=10, adapter=a if adapters else -1, id=str(i))
+    reqs = [Request(prompt=p, max_tokens=8, adapter=a if adapters else -1, id=str(i))
             for i, (p, a) in enumerate(zip(PROMPTS, IDS))]
     out = drive(sched, [(0, r) for r in reqs])
     sched.pool.check_whole()
@@ -72,9 +72,9 @@ for name, cfg, mesh_spec, kw in [
     report[name] = {"equal": one == sharded, "tokens": sum(map(len, one.values())),
                     "pool_spec": spec, "stats": sched.stats()}
     if name == "odd_vocab_tensor":   # the engine's path too, and the embedding's split
-        want = Engine(adapters[0]).generate(PROMPTS, max_new_tokens=10)
+        want = Engine(adapters[0]).generate(PROMPTS, max_new_tokens=8)
         engine = Engine(adapters[0], mesh=mesh)
-        report[name]["engine_equal"] = engine.generate(PROMPTS, max_new_tokens=10) == want
+        report[name]["engine_equal"] = engine.generate(PROMPTS, max_new_tokens=8) == want
         table = engine.weights.outer["embed"]["embedding"][...]
         report[name]["embed_rows"] = [table.shape[0], str(table.sharding.spec)]
 print(json.dumps(report))
