@@ -7,8 +7,9 @@ added and removed while serving without compiling again (vLLM's --max-loras).
     slots.remove(new_id)
 
 Every slot holds an adapted model over the same base; a free slot holds a "ghost": a LoRA
-of the stack's rank on the stack's targets with B = 0 (it adds nothing), and one more
-ghost always stands last. The stacked model (jaxlm.model.peft.attach_stacked, each
+of the stack's rank on the stack's targets with B = 0 (it adds nothing), and with room
+to spare one more ghost stands last; its rank and modules are the largest and the union
+of the given LoRAs' (unless set). The stacked model (jaxlm.model.peft.attach_stacked, each
 adapter's scale folded into its B) then has the same graph and shapes whatever the slots
 hold, as long as every adapter fits the stack: its LoRA targets among the stack's and its
 rank at most the stack's (the scheduler checks that the program and the weights' shapes
@@ -47,6 +48,7 @@ class AdapterSlots:
         self.rank = max(rank or (0 if specs else 16), *(s.r for s in specs))
         self.specs, self.targets = specs, targets
         self.slots: list[CausalLM | None] = loaded + [None] * (capacity - len(loaded))
+        self.dynamic = capacity > len(loaded)     # room to load adapters while serving
         self.ids = {i: i for i in range(len(loaded))}      # adapter id → slot
         self.next_id = len(loaded)
         self._ghost = None
@@ -67,12 +69,14 @@ class AdapterSlots:
         return self._ghost
 
     def build(self) -> tuple[CausalLM, Served]:
-        """The stacked model over every slot, and its Served (indexed by slot). One more
-        ghost stands last in the stack, addressed by no request: it keeps the stack's
-        rank and modules whatever the slots hold."""
+        """The stacked model over every slot, and its Served (indexed by slot). With room
+        for more adapters than were given, one more ghost stands last, addressed by no
+        request: it keeps the stack's rank and modules whatever the slots come to hold
+        (without it, filling the last free slot could shrink a module's rank)."""
         filled = [m if m is not None else self.ghost() for m in self.slots]
-        return prepare(self.base, filled + [self.ghost()], False, self.dtype,
-                       self.slot_axis, self.where, stack_all=True)
+        keeper = [self.ghost()] if self.dynamic else []
+        return prepare(self.base, filled + keeper, False, self.dtype, self.slot_axis,
+                       self.where, stack_all=True)
 
     def add(self, adapter) -> int:
         """Put an adapted model or a PEFT directory into a free slot; its new id."""

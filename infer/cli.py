@@ -29,7 +29,6 @@ cache's memory instead. Bad input ends with one `error: ...` line and exit statu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -200,12 +199,15 @@ def check_args(args) -> None:
 
 
 def check_source(args) -> None:
-    """--checkpoint RUN or --hf DIR names a directory of the right kind (also the server's)."""
+    """--checkpoint RUN or --hf DIR (a Hugging Face model, or a PEFT adapter over a local
+    base) names a directory of the right kind (also the server's)."""
     path = args.checkpoint or args.hf
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a directory; pass an existing "
                          f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
-    if args.hf and not os.path.isfile(os.path.join(path, "config.json")):
+    from jaxlm.model.io.load import kind_of
+    if args.hf and not os.path.isfile(os.path.join(path, "config.json")) and \
+            kind_of(path) != "peft":
         raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
 
 
@@ -229,13 +231,9 @@ def speculative(args, lm):
 
 
 def load_model(path: str, dtype=None):
-    """A CausalLM from a jaxlm run or an HF directory (model.io.base_ref.base_kind)."""
-    from jaxlm.model.io.base_ref import base_kind
-    if base_kind(path) == "run":
-        from jaxlm.model.io.runs import load_run
-        return load_run(path, dtype=dtype)[0]
-    from jaxlm.model.io import from_hf
-    return from_hf(path, dtype=dtype)
+    """A CausalLM from any directory the one loader reads (jaxlm.model.io.load)."""
+    from jaxlm.model.io.load import load as load_dir
+    return load_dir(path, dtype=dtype).lm
 
 
 def adapter_ids(args) -> list[int] | None:
@@ -259,28 +257,20 @@ def adapter_ids(args) -> list[int] | None:
 
 
 def load(args, mesh=None):
-    """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf, parameters
+    """(lm, tokenizer or None, default stop ids) from --checkpoint or --hf through the one
+    loader (jaxlm.model.io.load: runs of every kind, HF and PEFT directories), parameters
     placed straight into their shards when a mesh is given."""
-    from jaxlm.model.io.tokenizer import HFTokenizer
-    if args.checkpoint:
-        import absl.logging  # orbax warns about read-only managers on every restore
-        absl.logging.set_verbosity(absl.logging.ERROR)
-        from jaxlm.model.io.runs import load_run
-        lm, tokenizer, step = load_run(args.checkpoint, step=args.step, dtype=args.dtype,
-                                       mesh=mesh)
-        print(f"loaded {args.checkpoint} step {step}", file=sys.stderr)
-        return lm, tokenizer, []
-    from jaxlm.model.io import from_hf
-    lm = from_hf(args.hf, dtype=args.dtype, mesh=mesh)
-    tok_path = os.path.join(args.hf, "tokenizer.json")
-    tokenizer = HFTokenizer(tok_path) if os.path.isfile(tok_path) else None
-    if tokenizer is None and args.prompt:
-        raise ValueError(f"{args.hf!r} has no tokenizer.json, so --prompt cannot be "
+    import absl.logging  # orbax warns about read-only managers on every restore
+    absl.logging.set_verbosity(absl.logging.ERROR)
+    from jaxlm.model.io.load import load as load_dir
+    path = args.checkpoint or args.hf
+    got = load_dir(path, step=args.step, dtype=args.dtype, mesh=mesh)
+    if got.kind == "run":
+        print(f"loaded {path} step {got.step}", file=sys.stderr)
+    if got.tokenizer is None and args.prompt:
+        raise ValueError(f"{path!r} has no tokenizer.json, so --prompt cannot be "
                          f"encoded; add the tokenizer or pass --prompt-ids")
-    with open(os.path.join(args.hf, "config.json")) as f:
-        eos = json.load(f).get("eos_token_id")
-    stops = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    return lm, tokenizer, stops
+    return got.lm, got.tokenizer, got.stop_ids
 
 
 def _text(tokenizer, ids) -> str:

@@ -58,7 +58,6 @@ import itertools
 import uuid
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model.cache import cache_dtype as cache_dtype_of, heads_to_layout, paged_buffers

@@ -155,11 +155,9 @@ def lora_modules(items) -> dict[str, str]:
 
 def load(args):
     """(lm, tokenizer or None, stop ids), with --adapter attached (a LoRA merged)."""
-    from jaxlm.infer.cli import load as load_model
-    # infer.cli.load reads these flags too; a server has no prompt to encode up front
-    lm, tokenizer, stops = load_model(argparse.Namespace(
-        checkpoint=args.checkpoint, hf=args.hf, step=args.step, dtype=args.dtype,
-        prompt=None))
+    from jaxlm.model.io.load import load as load_dir
+    got = load_dir(args.checkpoint or args.hf, step=args.step, dtype=args.dtype)
+    lm, tokenizer, stops = got.lm, got.tokenizer, got.stop_ids
     from jaxlm.model import peft
     if args.adapter:
         from jaxlm.model.io.peft import load_peft

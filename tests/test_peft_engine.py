@@ -18,7 +18,7 @@ from helpers import adapted_lm, tiny_lm
 from jaxlm.infer import Engine
 from jaxlm.infer import engine as engine_mod
 from jaxlm.infer.cli import main
-from jaxlm.model import Config, abstract_model, preset
+from jaxlm.model import Config, preset
 from jaxlm.model import peft as P
 
 V = 64

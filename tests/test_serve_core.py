@@ -5,7 +5,7 @@ adapted model, the same scheduler on one device); per-row speculative sampling k
 target's distribution (chi-square); the server's --lora-modules / --prompt-lookup / --mesh
 answer concurrent requests for the base and two PEFT LoRAs with each model's own greedy
 tokens; speculative decoding of a prefix-tuned model equals plain greedy; bad
-combinations are refused in one line."""
+combinations are refused in one line; one loader reads every kind of model directory."""
 import concurrent.futures
 import json
 import os
@@ -350,3 +350,31 @@ def test_server_bad_flags_are_one_line(tmp_path, capsys, flags, match):
     assert main(["--hf", str(tmp_path), *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], lines
+
+
+def test_one_loader_reads_every_kind_of_directory(models, tmp_path):
+    """jaxlm.model.io.load: an HF directory, a PEFT directory over a local base (the
+    same logits as loading the base and attaching the adapter), a run; bad paths are one
+    line each."""
+    from jaxlm.model import from_hf, load_peft, to_hf
+    from jaxlm.model.io.load import load
+    from jaxlm.model.io.peft import save_peft
+    base, adapted = models
+    hf_dir, peft_dir = str(tmp_path / "hf"), str(tmp_path / "peft")
+    to_hf(base, hf_dir)
+    save_peft(adapted[1], peft_dir, base_model_name_or_path=hf_dir)
+    tokens = np.asarray([PROMPTS[3]], np.int32)
+    got = load(peft_dir)
+    assert got.kind == "peft" and got.tokenizer is None and got.stop_ids == []
+    want = load_peft(from_hf(hf_dir), peft_dir)(tokens).logits
+    np.testing.assert_allclose(got.lm(tokens).logits, want, atol=1e-5 * float(
+        np.abs(want).max()))
+    assert load(hf_dir).kind == "hf"
+    orphan = str(tmp_path / "orphan")
+    save_peft(adapted[1], orphan, base_model_name_or_path="someone/remote-model")
+    for path, match in ((orphan, "not a local model directory"),
+                        (str(tmp_path), "holds no run.json"),
+                        (str(tmp_path / "nope"), "is not a directory")):
+        with pytest.raises(ValueError, match=match) as e:
+            load(path)
+        assert "\n" not in str(e.value)
