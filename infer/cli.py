@@ -205,9 +205,11 @@ def check_source(args) -> None:
     if not os.path.isdir(path):
         raise ValueError(f"{path!r} is not a directory; pass an existing "
                          f"{'run' if args.checkpoint else 'Hugging Face model'} directory")
-    from jaxlm.model.io.load import kind_of
-    if args.hf and not os.path.isfile(os.path.join(path, "config.json")) and \
-            kind_of(path) != "peft":
+    if args.checkpoint and not os.path.isfile(os.path.join(path, "run.json")):
+        raise ValueError(f"{path!r} is not a jaxlm run directory (no run.json); pass a run "
+                         f"written by python -m jaxlm.train, or --hf for other directories")
+    if args.hf and not any(os.path.isfile(os.path.join(path, name))
+                           for name in ("config.json", "adapter_config.json")):
         raise ValueError(f"{path!r} has no config.json; is it a Hugging Face model directory?")
 
 

@@ -225,8 +225,9 @@ def test_bad_combinations_are_refused_in_one_line(models):
 def test_scheduler_on_a_mesh_equals_one_device():
     """tests/scripts/sharded_scheduler.py on 4 emulated devices: adapters + prompt lookup on
     tensor=2; QLoRA (int8 base) + int8 KV cache + lookup on data=2,tensor=2; MoE + lookup
-    on expert=2; a vocabulary of 63 on tensor=2 (padded to 64, scheduler and engine) —
-    the same tokens as one device, pools split by kv heads."""
+    on expert=2; a vocabulary of 63 on tensor=2 (padded to 64; the scheduler, and the
+    engine speculating over stacked adapters) — the same tokens as one device (each
+    adapted model alone), pools split by kv heads."""
     script = os.path.join(os.path.dirname(__file__), "scripts", "sharded_scheduler.py")
     r = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -72,9 +72,12 @@ for name, cfg, mesh_spec, kw in [
     report[name] = {"equal": one == sharded, "tokens": sum(map(len, one.values())),
                     "pool_spec": spec, "stats": sched.stats()}
     if name == "odd_vocab_tensor":   # the engine's path too, and the embedding's split
-        want = Engine(adapters[0]).generate(PROMPTS, max_new_tokens=8)
-        engine = Engine(adapters[0], mesh=mesh)
-        report[name]["engine_equal"] = engine.generate(PROMPTS, max_new_tokens=8) == want
+        # the engine on the mesh, speculating (prompt lookup) with stacked adapters
+        want = [Engine(base if a == -1 else adapters[a]).generate([p], max_new_tokens=8)[0]
+                for p, a in zip(PROMPTS, IDS)]
+        engine = Engine(base, adapters=adapters, mesh=mesh, speculative=LOOKUP)
+        report[name]["engine_equal"] = engine.generate(
+            PROMPTS, max_new_tokens=8, adapter_ids=IDS) == want
         table = engine.weights.outer["embed"]["embedding"][...]
         report[name]["embed_rows"] = [table.shape[0], str(table.sharding.spec)]
 print(json.dumps(report))
