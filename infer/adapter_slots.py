@@ -45,7 +45,7 @@ class AdapterSlots:
         self.base, self.dtype, self.slot_axis, self.where = base, dtype, slot_axis, where
         loaded = [_load(base, a, i) for i, a in enumerate(adapters)]
         specs = [m.peft_spec for m in loaded if isinstance(m.peft_spec, P.LoraSpec)]
-        self.rank = max(rank or (0 if specs else 16), *(s.r for s in specs))
+        self.rank = max([rank or (0 if specs else 16), *(s.r for s in specs)])
         self.specs, self.targets = specs, targets
         self.slots: list[CausalLM | None] = loaded + [None] * (capacity - len(loaded))
         self.dynamic = capacity > len(loaded)     # room to load adapters while serving

@@ -127,12 +127,13 @@ def _write(buf, vals, starts):
     return jax.vmap(lambda r, v, s: jax.lax.dynamic_update_slice(r, v, (s,)))(buf, vals, starts)
 
 
-def _mtp_drafts(lm, h0, ahead, e, starts, aux: DecodeCache, n_draft: int):
+def _mtp_drafts(lm, h0, ahead, e, starts, aux: DecodeCache, n_draft: int, peft=None):
     """Run MTP modules 1..γ over a window of w positions starting at slots `starts`:
     h0 [b,w,d] the target's final hidden states there, ahead [b,w] the token after each
     position (valid for the first e [b]). Each module's cache gets the window written
     and its length set to starts + e; module k at window index e−1 (the newest token's
-    predecessor) gives draft k. Returns (drafts [b,γ], aux)."""
+    predecessor) gives draft k. peft: the rows' stacked adapters (a module or the LM head
+    may carry one). Returns (drafts [b,γ], aux)."""
     w = h0.shape[1]
     positions = starts[:, None] + jnp.arange(w, dtype=jnp.int32)
     rope, alibi = lm.position_signals(positions)
@@ -146,10 +147,11 @@ def _mtp_drafts(lm, h0, ahead, e, starts, aux: DecodeCache, n_draft: int):
             src = jnp.where(j + k < e[:, None], j + k, w + j + k - e[:, None])
             tokens = jnp.take_along_axis(ext, jnp.clip(src, 0, w + k - 1), axis=1)
         h, kv, _ = lm.mtp[k](h, lm.embed(tokens), positions, rope=rope, alibi=alibi,
-                             kv=aux.layers[k], starts=starts)
+                             kv=aux.layers[k], starts=starts, peft=peft)
         layers.append(kv)
         # the head only where the draft is read (the window's other positions feed the cache)
-        drafts.append(greedy(lm.mtp_logits(k, _at(h, jnp.maximum(e - 1, 0))[:, None])[:, 0]))
+        drafts.append(greedy(lm.mtp_logits(k, _at(h, jnp.maximum(e - 1, 0))[:, None],
+                                           peft)[:, 0]))
     aux = dataclasses.replace(aux, layers=tuple(layers) + aux.layers[n_draft:],
                               lengths=starts + e)
     return jnp.stack(drafts, axis=1), aux
@@ -189,7 +191,7 @@ def _prefill(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, toke
     else:
         nxt = jnp.pad(tokens[:, 1:], ((0, 0), (0, 1)))
         ahead = jnp.where(jnp.arange(t)[None] == (lengths - 1)[:, None], first[:, None], nxt)
-        drafts, aux = _mtp_drafts(lm, h, ahead, lengths, start, aux, n_draft)
+        drafts, aux = _mtp_drafts(lm, h, ahead, lengths, start, aux, n_draft, _peft(cache))
     out = jnp.full((b, max_new_tokens + n_draft + 1), PAD, jnp.int32).at[:, 0].set(first)
     zeros = jnp.zeros((b,), jnp.int32)
     state = SpecState(tokens=out, counts=zeros + 1, last=first,
@@ -277,7 +279,7 @@ def _decode(graphs: LayerGraphs, weights: LayerWeights, dgraphs, dweights, state
         elif source == "medusa":
             drafts_next = _medusa_drafts(lm, _at(h, jnp.maximum(e - 1, 0)), g)
         else:
-            drafts_next, aux = _mtp_drafts(lm, h, emitted, e, start, aux, g)
+            drafts_next, aux = _mtp_drafts(lm, h, emitted, e, start, aux, g, _peft(cache))
         new = SpecState(
             tokens=tokens, counts=counts,
             last=jnp.where(e > 0, _at(emitted, jnp.maximum(e - 1, 0)), st.last),

@@ -298,7 +298,9 @@ def sites(cfg: Config, family: str | None = None) -> list[Site]:
     """Every LoRA site of cfg's model, named as its HF family names it."""
     from .io.hf_config import hf_config_from
     from .io.hf_rules import rules_for
-    family = family or hf_config_from(cfg)["model_type"]
+    # the family of the model proper: adapters never go on Medusa heads or MTP modules,
+    # which most families have no layout for
+    family = family or hf_config_from(cfg.replace(medusa_heads=0, mtp_depth=0))["model_type"]
     out = []
     for rule in rules_for(family, cfg):
         if not rule.hf.endswith(".weight") or rule.copy or rule.paths[0][0] == "mtp":

@@ -236,10 +236,10 @@ class CausalLM(nnx.Module):
         """Final norm and LM head: float32 logits [b,t,v]."""
         return self.project(self.final_hidden(x), peft)
 
-    def mtp_logits(self, k: int, h):
+    def mtp_logits(self, k: int, h, peft: PeftInputs | None = None):
         """MTP module k's (0-based) logits over its block output h [b,t,d]: its own norm,
-        then the shared LM head."""
-        return self.project(self.mtp[k].head_norm(h))
+        then the shared LM head (with its adapter, if it has one: peft as project's)."""
+        return self.project(self.mtp[k].head_norm(h), peft)
 
     def medusa_logits(self, h):
         """Every Medusa head's logits over final hidden states h [b,t,d]: [K,b,t,v]."""
