@@ -275,7 +275,7 @@ def run_decode_step(lm, args, max_len: int, rounds: int = 20) -> dict:
     sched = Scheduler(lm, page_size=z, kv_memory=parse_bytes(args.kv_memory), max_seqs=n,
                       max_batched_tokens=args.max_batched_tokens, max_len=max_len,
                       decode_steps=args.decode_steps)
-    step = compiled(sched.graphs, args.decode_steps)
+    step, runner = compiled(sched.graphs, args.decode_steps), sched.runner
     paged = {}
     for width in sched.menu.pages:
         x = DecodeInputs.empty(n, width)
@@ -285,7 +285,7 @@ def run_decode_step(lm, args, max_len: int, rounds: int = 20) -> dict:
         times = []
         for _ in range(rounds + 2):               # the first two: compile, warm caches
             t = time.perf_counter()
-            out, sched.pools = step(sched.weights, sched.pools, x)
+            out, runner.pools = step(runner.weights, runner.pools, x)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t)
         paged[width * z] = 1e3 * float(np.median(times[2:])) / args.decode_steps

@@ -6,6 +6,11 @@
         for event in sched.step():      # Event(id, tokens, finished, reason)
             ...
 
+Deciding and running are apart, as vLLM's scheduler and model runner: this scheduler only
+decides (which rows run, which pages they get, what each feeds) and writes a plan
+(infer/steps.py's inputs); the Runner (infer/runner.py) owns the weights, the page pools
+and the compiled programs on the mesh, and executes it.
+
 Each `step` is one device call (infer/steps.py). While sequences are prefilling it is one
 forward over a decode segment (one token for every decoding sequence) and a prefill
 segment (chunks of prompts), under a token budget (`max_batched_tokens`) and a row limit
@@ -52,38 +57,36 @@ step runs as one SPMD program; tokens equal one device's.
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import uuid
 
-import jax
 import numpy as np
 
-from jaxlm.model.cache import cache_dtype as cache_dtype_of, heads_to_layout, paged_buffers
-from jaxlm.model.cache import slot_axis
-from jaxlm.model.memory import pages_for
+from jaxlm.model.cache import cache_dtype as cache_dtype_of, heads_to_layout, slot_axis
+from jaxlm.model.memory import kv_bytes_per_token, pages_for
 from jaxlm.model.sharding import replicated
 from jaxlm.model.transformer import CausalLM
-from jaxlm.ops.paged import paged_write
 from jaxlm.ops.sampling import Sampling
 
 from .adapter_slots import AdapterSlots
 from .adapters import prepare
-from .forward import split_model
 from .pages import PagePool, page_keys
+from .runner import Runner, aux_bytes
 from .speculative import Speculative
-from .steps import DecodeInputs, MixedInputs, Shapes, SpecInputs, compiled, pool_sharding
+from .steps import DecodeInputs, MixedInputs, Shapes, SpecInputs
 
 
 VIRTUAL = -1   # a prefix adapter's virtual token in a sequence's token list (not an id)
 
 
-@jax.jit
-def _write_slots(pools, values, slots):
-    """Write values (per layer, per buffer [T, ...]) at flat slots [T] of the pools."""
-    return tuple(tuple(paged_write(buf, v, slots) for buf, v in zip(layer, vals))
-                 for layer, vals in zip(pools, values))
+def _ahead(tokens: list, pos, depth: int):
+    """MTP inputs for the tokens at positions pos of a sequence: [depth, len(pos)], the
+    token k+1 after each where known, else -(1+j) for the j-th token this step makes (0:
+    the sampled one, j >= 1: the MTP chain's draft j; spec_rows.mixed_extras)."""
+    at = pos[None] + np.arange(1, depth + 1)[:, None]
+    known = np.asarray(tokens, np.int32)[np.minimum(at, len(tokens) - 1)]
+    return np.where(at < len(tokens), known, len(tokens) - 1 - at).astype(np.int32)
 
 
 @dataclasses.dataclass
@@ -122,6 +125,7 @@ class _Seq:
     keys: list = dataclasses.field(default_factory=list)   # keys of full pages, in order
     registered: int = 0        # full pages already made findable
     row: int = -1
+    drafts: list | None = None  # medusa/mtp: the drafts made with the newest token
 
     @property
     def generated(self) -> list:
@@ -163,7 +167,9 @@ class Scheduler:
                              "scheduler (its latent pages hold no per-head K/V); use "
                              "jaxlm.infer.Engine")
         self.stacked = self.served.model_ids is not None
-        self.spec = self._check_speculative(speculative)
+        self.spec = speculative
+        if speculative is not None:
+            speculative.check(cfg)
         for name, v in (("page_size", page_size), ("max_seqs", max_seqs),
                         ("max_batched_tokens", max_batched_tokens)):
             if not isinstance(v, int) or v < 1:
@@ -178,21 +184,17 @@ class Scheduler:
         self.pages_per_seq = -(-self.max_len // page_size)
         if kv_memory is not None and n_pages is not None:
             raise ValueError("give kv_memory or n_pages, not both")
-        if kv_memory is not None:
-            n_pages = pages_for(cfg, kv_memory, page_size, dtype.name)
+        if kv_memory is not None:   # the draft source's pools take their share
+            target = kv_bytes_per_token(cfg, dtype=dtype.name)
+            share = target + aux_bytes(speculative, cfg, dtype)
+            n_pages = pages_for(cfg, kv_memory * target // share, page_size, dtype.name)
         self.pool = PagePool(n_pages or max_seqs * self.pages_per_seq, page_size)
-        self.mesh, self.keep_quantized = mesh, keep_quantized
-        self.graphs, self.weights = split_model(lm, mesh, keep_quantized)
         if not isinstance(decode_steps, int) or decode_steps < 1:
             raise ValueError(f"decode_steps must be an int >= 1, got {decode_steps!r}")
         self.decode_steps = decode_steps
         self.menu = Shapes(max_seqs, max_batched_tokens, self.pages_per_seq)
-        self.pools = tuple(paged_buffers(cfg, self.pool.n_pages, page_size, dtype)
-                           for _ in range(cfg.n_layers))
-        # placed (committed) from the start, as every step's donated output is: an
-        # uncommitted first input would be one more program for the first call
-        self.pools = jax.tree.map(lambda b: jax.device_put(
-            b, jax.devices()[0] if mesh is None else pool_sharding(mesh, b)), self.pools)
+        self.runner = Runner(lm, self.pool.n_pages, page_size, dtype, mesh, keep_quantized,
+                             speculative)
         self.virtual, self._pinned = {}, {}
         self._place_virtual_tokens([-1, *self.adapter_ids])
         self.tokenizer, self.prefix_sharing = tokenizer, prefix_sharing
@@ -221,9 +223,7 @@ class Scheduler:
             slots = np.asarray([pages[j // z] * z + j % z for j in range(p)], np.int32)
             values = tuple(tuple(heads_to_layout(buf, slot_axis(self.cfg))[0] for buf in layer)
                            for layer in layers)                        # [P, k, d] each
-            self.pools = jax.tree.map(lambda b: jax.device_put(
-                b, jax.devices()[0] if self.mesh is None else pool_sharding(self.mesh, b)),
-                _write_slots(self.pools, values, slots))
+            self.runner.write(values, slots)
             root = b"" if adapter == -1 else f"adapter {adapter}".encode()
             for page, key in zip(pages, page_keys([VIRTUAL] * p, z, root)):
                 self.pool.register(page, key)
@@ -276,16 +276,8 @@ class Scheduler:
         """The stacked weights of the slots as they are now (a new program only when
         same_program is False: removing the last adapter of its kind may shrink it)."""
         lm, served = self.slots.build()
-        graphs, weights = split_model(lm, self.mesh, self.keep_quantized)
-        shapes = lambda w: jax.tree.map(lambda x: (x.shape, x.dtype), w)  # noqa: E731
-        if same_program and (graphs != self.graphs or
-                             shapes(weights) != shapes(self.weights)):
-            raise ValueError("the adapter does not fit the served adapter stack (it adds "
-                             "modules or an adapter kind the stack lacks) and would need "
-                             "a new program; start with its modules in lora_targets "
-                             "(--lora-targets)")
-        self.graphs, self.weights, self.served = graphs, weights, served
-        self.stacked = served.model_ids is not None
+        self.runner.swap_weights(lm, same_program)
+        self.served, self.stacked = served, served.model_ids is not None
 
     @property
     def history_width(self) -> int:
@@ -293,19 +285,17 @@ class Scheduler:
         round's writes past the last."""
         return self.pages_per_seq * self.page_size + self.spec.n_draft + 1
 
-    def _check_speculative(self, spec: Speculative | None) -> Speculative | None:
-        if spec is None:
-            return None
-        spec.check(self.cfg)
-        if spec.source != "lookup":
-            raise ValueError(f"the paged scheduler (and so the server) speculates with prompt "
-                             f"lookup only; source {spec.source!r} runs in "
-                             f"jaxlm.infer.Engine (python -m jaxlm.infer)")
-        return spec
+    @property
+    def program(self):
+        return self.runner.program
 
-    def _on_mesh(self):
-        """The mesh in context while tracing, so MoE layers run expert-parallel."""
-        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
+    @property
+    def graphs(self):
+        return self.runner.graphs
+
+    @property
+    def pools(self):
+        return self.runner.pools
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -400,12 +390,14 @@ class Scheduler:
             return self._spec_run([seq for seq, _ in work])
         if decoding and self.decode_steps > 1:
             return self._decode_run([seq for seq, _ in work])
+        self._drafts = {}
         sampled = self._run(work, copies)
         events = []
         for seq, n in work:
             seq.computed += n
             self._register_full_pages(seq)
             if seq.row in sampled:
+                seq.drafts = self._drafts.get(seq.row)
                 events.append(self._emit(seq, [sampled[seq.row]]))
                 if events[-1].finished:
                     self._retire(seq)
@@ -494,7 +486,7 @@ class Scheduler:
 
     def _preempt(self, seq: _Seq) -> None:
         self._retire(seq)
-        seq.computed, seq.registered = 0, 0
+        seq.computed, seq.registered, seq.drafts = 0, 0, None
         self.waiting.appendleft(seq)
         self.counts["preemptions"] += 1
 
@@ -565,7 +557,8 @@ class Scheduler:
         m, c = self.menu.segment([k for _, k in chunks]) if chunks else (0, 0)
         width = self.menu.table_width(max(len(seq.pages) for seq, _ in work))
         self.shapes.add((m, c, width))
-        x = MixedInputs.empty(n, m, c, width, self.pool.n_pages, self.stacked)
+        mtp = self.spec.n_draft if self.spec is not None and self.spec.source == "mtp" else 0
+        x = MixedInputs.empty(n, m, c, width, self.pool.n_pages, self.stacked, mtp)
         segments = x.pages.segments
         for i, (a, b) in enumerate(copies):
             x.copy_src[i], x.copy_dst[i] = a, b
@@ -586,9 +579,13 @@ class Scheduler:
             if seq.computed + k == len(seq.tokens):
                 sampling_rows.append(r)
                 x.sampling.set(r, seq.req, len(seq.generated))
-        with self._on_mesh():
-            out, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
-        out = np.asarray(out)
+            if mtp:
+                x.row_of[i:i + k] = r
+                x.ahead[:, i:i + k] = _ahead(seq.tokens, pos, mtp)
+        out, drafts = self.runner.run(x)
+        if self.program is not None and self.program.carries_drafts:
+            for r in sampling_rows:   # medusa/mtp: the row's next drafts, made with its token
+                self._drafts[r] = drafts[r].tolist()
         return {r: int(out[r]) for r in sampling_rows}
 
     def _decode_run(self, seqs) -> list[Event]:
@@ -610,9 +607,7 @@ class Scheduler:
             x.tables[r, :len(seq.pages)] = seq.pages
             x.lengths[r], x.limits[r] = seq.computed + 1, len(seq.pages) * z
             x.sampling.set(r, seq.req, len(seq.generated))
-        with self._on_mesh():
-            out, self.pools = compiled(self.graphs, steps)(self.weights, self.pools, x)
-        out = np.asarray(out)
+        out = self.runner.run(x, steps)
         events = []
         for seq in seqs:
             room = len(seq.pages) * z - seq.computed       # slots its writes could use
@@ -637,7 +632,7 @@ class Scheduler:
             self._reserve(seq, min(seq.computed + room, self.pages_per_seq * z))
         width = self.menu.table_width(max(len(seq.pages) for seq in seqs))
         self.shapes.add(("spec", rounds, width))
-        x = SpecInputs.empty(n, width, self.history_width, self.stacked)
+        x = SpecInputs.empty(n, width, self.history_width, g, self.stacked)
         for seq in seqs:
             r = seq.row
             x.history[r, :len(seq.tokens)] = seq.tokens
@@ -646,13 +641,13 @@ class Scheduler:
             x.sampling.set(r, seq.req, len(seq.generated))
             if self.stacked:
                 x.adapters[r] = self._model_id(seq)
-        with self._on_mesh():
-            outs, self.pools = compiled(self.graphs, rounds, (g, self.spec.ngram))(
-                self.weights, self.pools, x)
-        out, counts, drafted, accepted, taken = (np.asarray(a) for a in outs)
+            if seq.drafts is not None:
+                x.drafts[r] = seq.drafts
+        out, counts, drafted, accepted, taken, drafts = self.runner.run(x, rounds)
         events = []
         for seq in seqs:
             r = seq.row
+            seq.drafts = drafts[r].tolist() if self.program.carries_drafts else None
             event = self._emit(seq, out[r, :counts[r]].tolist())
             # K/V are right for the token fed first and every emitted one but the last
             seq.computed += len(event.tokens)
@@ -669,21 +664,17 @@ class Scheduler:
         write nothing), so serving never stops to compile. Returns how many."""
         n, stacked = self.max_seqs, self.stacked
         before = set(self.shapes)
-        with self._on_mesh():
-            for width in self.menu.pages:
-                for m, c in [(0, 0)] + self.menu.prefill:
-                    x = MixedInputs.empty(n, m, c, width, self.pool.n_pages, stacked)
-                    _, self.pools = compiled(self.graphs)(self.weights, self.pools, x)
-                    self.shapes.add((m, c, width))
-                if self.spec is not None:
-                    _, self.pools = compiled(self.graphs, self.decode_steps,
-                                             (self.spec.n_draft, self.spec.ngram))(
-                        self.weights, self.pools,
-                        SpecInputs.empty(n, width, self.history_width, stacked))
-                    self.shapes.add(("spec", self.decode_steps, width))
-                elif self.decode_steps > 1:
-                    _, self.pools = compiled(self.graphs, self.decode_steps)(
-                        self.weights, self.pools, DecodeInputs.empty(n, width, stacked))
-                    self.shapes.add(("decode", self.decode_steps, width))
-        jax.block_until_ready(self.pools)
+        mtp = self.spec.n_draft if self.spec is not None and self.spec.source == "mtp" else 0
+        for width in self.menu.pages:
+            for m, c in [(0, 0)] + self.menu.prefill:
+                self.runner.run(MixedInputs.empty(n, m, c, width, self.pool.n_pages, stacked, mtp))
+                self.shapes.add((m, c, width))
+            if self.spec is not None:
+                self.runner.run(SpecInputs.empty(n, width, self.history_width, self.spec.n_draft,
+                                            stacked), self.decode_steps)
+                self.shapes.add(("spec", self.decode_steps, width))
+            elif self.decode_steps > 1:
+                self.runner.run(DecodeInputs.empty(n, width, stacked), self.decode_steps)
+                self.shapes.add(("decode", self.decode_steps, width))
+        self.runner.ready()
         return len(self.shapes - before)

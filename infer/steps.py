@@ -1,6 +1,6 @@
 """The scheduler's device programs and the few shapes they are compiled for.
 
-Two programs, each one jitted call over the paged pools (donated, updated in place):
+Three programs, each one jitted call over the paged pools (donated, updated in place):
   * `mixed_step`: one forward over a decode segment (every scheduler row, one token each;
     idle rows are padding) and a prefill segment of m rows × c tokens, then one sampled
     token per row. Copy-on-write page copies run first.
@@ -9,6 +9,9 @@ Two programs, each one jitted call over the paged pools (donated, updated in pla
     the HTTP layer's per-token work are paid once per K tokens. A row that stops early
     (stop token, max_tokens) has its extra tokens dropped by the host; its writes stop at
     the pages it reserved (`limits`), so they never touch another sequence's pages.
+  * speculative rounds (infer/spec_rows.py) instead of decode_steps when the scheduler
+    speculates; its mixed step then also runs the draft source's part (a draft model's
+    or MTP modules' pools, the rows' next Medusa/MTP drafts).
 
 Shapes come from a small fixed menu (`Shapes`) so a server compiles them all once at start
 (`Scheduler.warmup`) and never while serving: prefill segments whose m·c is 64 or the token
@@ -27,79 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model.cache import PageIndex, PagedRows
-from jaxlm.model.peft import PeftInputs
-from jaxlm.model.sharding import activation_sharding
-from jaxlm.ops.sampling import greedy, probabilities_rows, sample_rows
-from jaxlm.ops.speculative import greedy_accept, ngram_propose, rejection_accept
 
 from .forward import loop_weights, outer_model, paged_hidden
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "temperature", "top_k", "top_p", "min_p", "seeds", "counters"], meta_fields=[])
-@dataclasses.dataclass
-class RowSampling:
-    """Each row's sampling settings and key material, [n] each (0 temperature: greedy)."""
-    temperature: jax.Array
-    top_k: jax.Array
-    top_p: jax.Array
-    min_p: jax.Array
-    seeds: jax.Array
-    counters: jax.Array      # tokens the row has generated: the key is fold_in(seed, it)
-
-    @classmethod
-    def empty(cls, n: int) -> "RowSampling":
-        return cls(np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
-                   np.zeros(n, np.float32), np.zeros(n, np.int32), np.zeros(n, np.int32))
-
-    def set(self, r: int, request, generated: int) -> None:
-        s = request.sampling
-        if s is not None and not s.greedy:
-            self.temperature[r], self.top_k[r] = s.temperature, s.top_k or 0
-            self.top_p[r], self.min_p[r] = s.top_p or 1.0, s.min_p or 0.0
-        self.seeds[r], self.counters[r] = request.seed % (1 << 31), generated
-
-    def keys(self, offset=0):
-        return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.PRNGKey(s), c))(
-            self.seeds, self.counters + offset)
-
-    def sample(self, logits, offset=0):
-        return sample_rows(self.keys(offset), logits, self.temperature, self.top_k,
-                           self.top_p, self.min_p)
-
-    def verify(self, drafts, n_draft, logits, offset=0):
-        """Speculative verification, each row with its own settings: drafts [n,γ] (the
-        first n_draft [n] real; drafts come without probabilities, so q is one-hot),
-        logits [n,γ+1,v] at the verified positions. Greedy rows accept the drafts that
-        equal the target's argmax; sampled rows follow the rejection rule on their own
-        filtered distribution (ops.speculative), so outputs keep the target's
-        distribution. offset: as sample's (each round its own keys). (accepted n [n], the
-        token after them [n])."""
-        g = drafts.shape[1]
-        cols = jnp.arange(g)[None]
-        real = cols < n_draft[:, None]
-        # a padded draft column can never be accepted: -1 is no token
-        drafts = jnp.where(real, drafts, -1)
-        n_greedy, next_greedy = greedy_accept(drafts, greedy(logits))
-
-        def sampled(_):
-            rep = lambda a: jnp.repeat(a, g + 1)  # noqa: E731  (settings per position)
-            p = probabilities_rows(logits.reshape(-1, logits.shape[-1]),
-                                   rep(self.temperature), rep(self.top_k), rep(self.top_p),
-                                   rep(self.min_p)).reshape(logits.shape)
-            one = jax.vmap(lambda k, d, q: rejection_accept(k, d[None], q[None]))
-            keys = self.keys(offset)
-            n, nxt = one(keys, jnp.maximum(drafts, 0), p)
-            n = jnp.minimum(n[:, 0], n_draft)   # columns past n_draft were rejected
-            # a row cut short draws its next token from p at n (the rule's bonus draw)
-            at_n = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
-            bonus = jax.vmap(lambda k, q: jax.random.categorical(
-                jax.random.fold_in(k, 1), jnp.log(q)))(keys, at_n)
-            return n, jnp.where(n < n_draft, nxt[:, 0], bonus.astype(jnp.int32))
-        hot = self.temperature > 0
-        n_s, next_s = jax.lax.cond(jnp.any(hot), sampled,
-                                   lambda _: (n_greedy, next_greedy), None)
-        return jnp.where(hot, n_s, n_greedy), jnp.where(hot, next_s, next_greedy)
+from .rows import RowSampling, peft_inputs, pinned, pool_sharding  # noqa: F401 (re-exported)
+from .spec_rows import SpecInputs, SpecProgram, mixed_extras, speculate  # noqa: F401
 
 
 def _adapter_ids(n: int, stacked: bool):
@@ -108,13 +42,9 @@ def _adapter_ids(n: int, stacked: bool):
     return np.full(n, -1, np.int32) if stacked else None
 
 
-def _peft(ids):
-    return None if ids is None else PeftInputs(ids=ids[None])
-
-
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "tokens", "positions", "pages", "last", "sampling", "copy_src", "copy_dst", "adapters"],
-    meta_fields=[])
+    "tokens", "positions", "pages", "last", "sampling", "copy_src", "copy_dst", "adapters",
+    "ahead", "row_of"], meta_fields=[])
 @dataclasses.dataclass
 class MixedInputs:
     tokens: jax.Array        # [T] decode segment (n), then prefill segment (m·c)
@@ -125,17 +55,22 @@ class MixedInputs:
     copy_src: jax.Array      # [n] pages copied before the step (copy-on-write) ...
     copy_dst: jax.Array      # [n] ... into these (P, out of range: no copy)
     adapters: jax.Array | None = None   # [T] each token's stacked adapter (−1: none)
+    ahead: jax.Array | None = None      # [γ, T] MTP: the tokens k+1 ahead (spec_rows)
+    row_of: jax.Array | None = None     # [T] MTP: each token's row (n: padding)
 
     @classmethod
     def empty(cls, n: int, m: int, c: int, width: int, n_pages: int,
-              stacked: bool = False) -> "MixedInputs":
-        """All padding (writes nothing, copies nothing): n decode rows, m × c prefill."""
+              stacked: bool = False, mtp: int = 0) -> "MixedInputs":
+        """All padding (writes nothing, copies nothing): n decode rows, m × c prefill;
+        mtp: γ of an MTP chain (its `ahead` tokens)."""
         t = n + m * c
         segments = (_rows(n, 1, width),) + ((_rows(m, c, width),) if m else ())
         return cls(np.zeros(t, np.int32), np.zeros(t, np.int32),
                    PageIndex(np.full(t, -1, np.int32), segments), np.zeros(n, np.int32),
                    RowSampling.empty(n), np.zeros(n, np.int32), np.full(n, n_pages, np.int32),
-                   _adapter_ids(t, stacked))
+                   _adapter_ids(t, stacked),
+                   np.zeros((mtp, t), np.int32) if mtp else None,
+                   np.full(t, n, np.int32) if mtp else None)
 
 
 def _rows(b: int, queries: int, width: int) -> PagedRows:
@@ -163,52 +98,24 @@ class DecodeInputs:
                    RowSampling.empty(n), _adapter_ids(n, stacked))
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[
-    "history", "lengths", "tables", "limits", "sampling", "adapters"], meta_fields=[])
-@dataclasses.dataclass
-class SpecInputs:
-    """Speculative rounds for every decoding row (infer/scheduler.py): each row's tokens
-    by position (prompt and output; its newest token at lengths-1 is not in the cache
-    yet), its pages, and how many slots they hold (writes and drafts stop there)."""
-    history: jax.Array       # [n, H] (-1 past the row's tokens)
-    lengths: jax.Array       # [n] tokens known (0: idle row)
-    tables: jax.Array        # [n, p]
-    limits: jax.Array        # [n]
-    sampling: RowSampling
-    adapters: jax.Array | None = None   # [n]
-
-    @classmethod
-    def empty(cls, n: int, width: int, history: int, stacked: bool = False) -> "SpecInputs":
-        zeros = lambda: np.zeros(n, np.int32)  # noqa: E731
-        return cls(np.full((n, history), -1, np.int32), zeros(),
-                   np.zeros((n, width), np.int32), zeros(), RowSampling.empty(n),
-                   _adapter_ids(n, stacked))
+def _copy(pools, x: MixedInputs):
+    return tuple(tuple(buf.at[x.copy_dst].set(buf[x.copy_src], mode="drop") for buf in layer)
+                 for layer in pools)
 
 
-def pool_sharding(mesh, buf):
-    """A page pool [P,z,k,d] (or its int8 scales [P,z,k,1]) over a mesh: kv heads over
-    'tensor' where they split, everything else whole on every device."""
-    return activation_sharding(mesh, [None, None, "kv_heads", None], buf.shape,
-                               what="KV page pool")
-
-
-def _pinned(graphs, pools):
-    """The pools where they were placed (and donated): under a mesh, XLA could otherwise
-    hand them back with another layout, which the next call would compile again for."""
-    if graphs.mesh is None:
-        return pools
-    return jax.tree.map(lambda b: jax.lax.with_sharding_constraint(
-        b, pool_sharding(graphs.mesh, b)), pools)
-
-
-def _mixed(graphs, weights, pools, x: MixedInputs):
-    pools = tuple(tuple(buf.at[x.copy_dst].set(buf[x.copy_src], mode="drop") for buf in layer)
-                  for layer in pools)
-    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None], pools,
-                            x.pages, _peft(x.adapters))
+def _mixed(graphs, spec, weights, pools, x: MixedInputs, aux_weights=None, aux_pools=()):
+    """One mixed step: (sampled [n], and with spec the rows' next drafts [n,γ]), pools
+    (and with spec the draft source's pools)."""
+    h, pools = paged_hidden(graphs, weights, x.tokens[None], x.positions[None],
+                            _copy(pools, x), x.pages, peft_inputs(x.adapters))
     last = None if x.adapters is None else x.adapters[x.last]
-    logits = outer_model(graphs, weights).project(h[:, x.last], _peft(last))[0]   # [n,v]
-    return x.sampling.sample(logits), _pinned(graphs, pools)
+    logits = outer_model(graphs, weights).project(h[:, x.last], peft_inputs(last))[0]  # [n,v]
+    sampled = x.sampling.sample(logits)
+    if spec is None:
+        return sampled, pinned(graphs, pools)
+    drafts, aux_pools = mixed_extras(graphs, spec, weights, h, x, sampled, aux_weights,
+                                     _copy(aux_pools, x))
+    return (sampled, drafts), pinned(graphs, pools), pinned(graphs, aux_pools)
 
 
 def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
@@ -225,87 +132,30 @@ def _decode(graphs, steps: int, weights, pools, x: DecodeInputs):
         index = PageIndex(slots, (PagedRows(x.tables, lengths, 1),))
         w = loop_weights(graphs, weights, i)
         h, pools = paged_hidden(graphs, w, tokens[None], pos[None], pools, index,
-                                _peft(x.adapters))
-        logits = outer_model(graphs, w).project(h, _peft(x.adapters))[0]
+                                peft_inputs(x.adapters))
+        logits = outer_model(graphs, w).project(h, peft_inputs(x.adapters))[0]
         new = x.sampling.sample(logits, i)
-        return new, _pinned(graphs, pools), out.at[i].set(new)
+        return new, pinned(graphs, pools), out.at[i].set(new)
 
     out = jnp.zeros((steps, x.tokens.shape[0]), jnp.int32)
     _, pools, out = jax.lax.fori_loop(0, steps, body, (x.tokens, pools, out))
     return out, pools
 
 
-def _speculate(graphs, rounds: int, g: int, ngram: int, weights, pools, x: SpecInputs):
-    """`rounds` speculative rounds in one fori_loop, drafting on the device: each round a
-    row looks up γ drafts in its history (prompt lookup, ops.speculative.ngram_propose),
-    feeds its newest token and them (γ+1 tokens; fewer where its pages end), and accepts
-    per RowSampling.verify; the emitted tokens join its history and the next round starts
-    from them. So a host round trip carries up to rounds·(γ+1) tokens per row, as the
-    plain decode loop carries `steps`. Returns ((tokens [n, rounds·(γ+1)], counts [n],
-    drafted [n], accepted [n], rounds taken [n]), pools); the host keeps each row's tokens
-    up to its first finish."""
-    z = pools[0][0].shape[1]
-    n = x.lengths.shape[0]
-    cols = jnp.arange(g + 1, dtype=jnp.int32)[None]
-    peft = _peft(None if x.adapters is None else jnp.repeat(x.adapters, g + 1))
-
-    def body(i, carry):
-        hist, lengths, pools, out, counts, stats = carry
-        c = lengths - 1                                   # the newest token's position
-        live = (lengths > 0) & (c < x.limits)
-        n_draft = jnp.where(live, jnp.clip(x.limits - c - 1, 0, g), 0)
-        drafts, _ = ngram_propose(hist, jnp.maximum(lengths, 1), ngram, g)
-        last = jnp.take_along_axis(hist, jnp.maximum(c, 0)[:, None], axis=1)
-        pos = c[:, None] + cols                                                 # [n, γ+1]
-        page = jnp.take_along_axis(x.tables, jnp.clip(pos // z, 0, x.tables.shape[1] - 1),
-                                   axis=1)
-        slots = jnp.where(live[:, None] & (cols <= n_draft[:, None]), page * z + pos % z, -1)
-        index = PageIndex(slots.reshape(-1), (PagedRows(
-            x.tables, jnp.where(live, c + n_draft + 1, 0), g + 1),))
-        w = loop_weights(graphs, weights, i)
-        tokens = jnp.concatenate([last, drafts], axis=1)
-        h, pools = paged_hidden(graphs, w, tokens.reshape(1, -1), pos.reshape(1, -1), pools,
-                                index, peft)
-        logits = outer_model(graphs, w).project(h, peft)[0].reshape(n, g + 1, -1)
-        accepted, nxt = x.sampling.verify(drafts, n_draft, logits, offset=i * (g + 1))
-        e = jnp.where(live, accepted + 1, 0)
-        emitted = jnp.where(cols < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))),
-                            nxt[:, None])
-        keep = cols < e[:, None]
-        hist = _put(hist, emitted, keep, lengths)
-        out = _put(out, emitted, keep, counts)
-        stats = stats + jnp.stack([n_draft, jnp.where(live, accepted, 0),
-                                   live.astype(jnp.int32)])
-        return hist, lengths + e, _pinned(graphs, pools), out, counts + e, stats
-
-    out = jnp.full((n, rounds * (g + 1)), -1, jnp.int32)
-    carry = (x.history, x.lengths, pools, out, jnp.zeros(n, jnp.int32),
-             jnp.zeros((3, n), jnp.int32))
-    _, _, pools, out, counts, stats = jax.lax.fori_loop(0, rounds, body, carry)
-    return (out, counts, stats[0], stats[1], stats[2]), pools
-
-
-def _put(buf, vals, keep, starts):
-    """buf [n, W] with vals [n, w] written at columns starts.. where keep [n, w]."""
-    def one(row, v, k, s):
-        old = jax.lax.dynamic_slice(row, (s,), v.shape)
-        return jax.lax.dynamic_update_slice(row, jnp.where(k, v, old), (s,))
-    return jax.vmap(one)(buf, vals, keep, starts)
-
-
 @functools.lru_cache(maxsize=8)
-def compiled(graphs, steps: int = 0, spec: tuple | None = None):
+def compiled(graphs, steps: int = 0, spec: SpecProgram | None = None):
     """The jitted program with the model's graphs bound (as a static jit argument they
     would be hashed every step, ~1 ms); cached, so schedulers of one model share them.
-    steps 0: mixed_step; K: decode_steps over K tokens; spec (γ, ngram): K speculative
-    rounds."""
-    if spec is not None:
-        fn = functools.partial(_speculate, graphs, max(steps, 1), *spec)
-    elif steps:
-        fn = functools.partial(_decode, graphs, steps)
-    else:
-        fn = functools.partial(_mixed, graphs)
-    return jax.jit(fn, donate_argnums=(1,))
+    steps 0: mixed_step; K: decode_steps over K tokens, or with spec K speculative
+    rounds. With spec, programs take and return the draft source's weights and pools
+    too: fn(weights, pools, x, aux_weights, aux_pools), both pool sets donated."""
+    if spec is None:
+        fn = (functools.partial(_decode, graphs, steps) if steps
+              else functools.partial(_mixed, graphs, None))
+        return jax.jit(fn, donate_argnums=(1,))
+    fn = (functools.partial(speculate, graphs, spec, max(steps, 1)) if steps
+          else functools.partial(_mixed, graphs, spec))
+    return jax.jit(fn, donate_argnums=(1, 4))
 
 
 class Shapes:

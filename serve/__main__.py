@@ -17,9 +17,10 @@ prefix adapter's virtual tokens sit in pages of their own). With --max-loras K f
 POST /v1/load_lora_adapter {"lora_name", "lora_path"} and /v1/unload_lora_adapter
 {"lora_name"} (vLLM's bodies) add and remove adapters while serving, without compiling
 (an adapter must fit the slots: rank <= --max-lora-rank, modules in --lora-targets).
---prompt-lookup N
-(with --spec-tokens γ) decodes speculatively inside the continuous batch; /metrics then
-reports the acceptance rate and tokens per target forward. --mesh shards the weights and
+--prompt-lookup N,
+--draft DIR (a smaller model, same vocabulary), --medusa or --mtp (the model's own heads),
+with --spec-tokens γ, decode speculatively inside the continuous batch, each row accepting
+its own count; /metrics then reports the acceptance rate and tokens per target forward. --mesh shards the weights and
 the KV pages over this host's devices (tensor: heads and kv heads; expert: MoE experts).
 Prints
 "serving NAME on http://HOST:PORT" once it accepts connections (--port 0 picks a free
@@ -113,9 +114,6 @@ def check_args(args) -> None:
     check_quant_args(args)
     check_spec_args(args)
     check_mesh_arg(args)
-    if args.draft or args.medusa or args.mtp:
-        raise ValueError("the server speculates with --prompt-lookup N; --draft, --medusa "
-                         "and --mtp run in python -m jaxlm.infer")
     from jaxlm.model.io.peft import read_peft_config
     if args.adapter:
         read_peft_config(args.adapter)

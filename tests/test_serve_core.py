@@ -47,18 +47,22 @@ def models():
     return base, [adapted_lm(base, s, seed=i + 1) for i, s in enumerate(SPECS)]
 
 
-@pytest.fixture(scope="module")
-def wanted(models):
-    """Each request's greedy tokens from the static engine over its own adapted model."""
-    base, adapted = models
+def _greedy(base, adapted, ids):
+    """Each prompt's greedy tokens from the static engine over its own adapted model (ids:
+    each prompt's index into adapted, -1 the base)."""
     out = [None] * len(PROMPTS)
-    for a in sorted(set(IDS)):   # one batch per model (the engine's rows are independent)
-        rows = [i for i, x in enumerate(IDS) if x == a]
+    for a in sorted(set(ids)):   # one batch per model (the engine's rows are independent)
+        rows = [i for i, x in enumerate(ids) if x == a]
         got = Engine(base if a == -1 else adapted[a]).generate([PROMPTS[i] for i in rows],
                                                                 max_new_tokens=N)
         for i, g in zip(rows, got):
             out[i] = g
     return out
+
+
+@pytest.fixture(scope="module")
+def wanted(models):
+    return _greedy(*models, IDS)
 
 
 def _serve(sched, stops=()):
@@ -70,20 +74,99 @@ def _serve(sched, stops=()):
     return [out[str(i)] for i in range(len(reqs))]
 
 
-@pytest.mark.parametrize("spec", [None, Speculative("lookup", 3, ngram=2)],
-                         ids=["plain", "lookup"])
-def test_scheduler_rows_of_different_adapters_equal_each_model_alone(models, wanted, spec):
+def test_scheduler_rows_of_different_adapters_equal_each_model_alone(models, wanted):
     """LoRAs of ranks 2 and 5 on different targets (lm_head too), a bottleneck, a prefix
     (its virtual tokens in pinned pages) and the base, one batch of one compiled step;
-    small pages so rows cross page boundaries and a pool tight enough to preempt."""
+    small pages so rows cross page boundaries and a pool tight enough to preempt
+    (speculation over adapters: test_scheduler_speculates_with_every_source)."""
     base, adapted = models
     sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=32,
-                      n_pages=40, speculative=spec)
+                      n_pages=40)
     assert _serve(sched) == wanted
-    if spec is not None:
-        st = sched.stats()
-        assert st["spec_rounds"] > 0 and st["spec_accepted"] > 0
-        assert st["spec_emitted"] > st["spec_rounds"]   # more than one token per forward
+
+
+@pytest.fixture(scope="module")
+def heads_models():
+    """A model with 2 MTP modules and 3 Medusa heads, a LoRA (lm_head too) and a prefix
+    adapter of it, each adapted model's greedy tokens (the static engine, no
+    speculation), and a one-layer draft model."""
+    base = with_heads(tiny_lm(CFG), 2, 3, seed=1)
+    adapted = [adapted_lm(base, SPECS[1], seed=2), adapted_lm(base, SPECS[3], seed=3)]
+    return base, adapted, _greedy(base, adapted, HEAD_IDS), tiny_lm(CFG.replace(n_layers=1),
+                                                                      seed=7)
+
+
+HEAD_IDS = [-1, 0, 1, -1, 0, -1, 1, -1]
+
+
+def _argmax_where_clear(logits):
+    """argmax of logits [..., v], and whether its lead over the runner-up is clear of
+    float noise (ties are skipped, not guessed)."""
+    top = np.sort(logits, axis=-1)
+    return logits.argmax(-1), top[..., -1] - top[..., -2] > 1e-3 * (1 + np.abs(top[..., -1]))
+
+
+@pytest.mark.parametrize("source", ["lookup", "draft", "self_draft", "medusa", "mtp"])
+def test_scheduler_speculates_with_every_source(heads_models, source):
+    """Each draft source inside the continuous batch, over stacked LoRA + prefix adapters,
+    with staggered arrivals and a pool small enough to preempt: every request's greedy
+    tokens equal its adapted model's plain greedy. Each source's drafts are what they should be: the target as its own draft
+    model accepts every draft (its pages hold the right K/V); the Medusa drafts a base row
+    carries are the heads' argmax at its newest token's predecessor, and the first MTP
+    draft module 0's, both as the training forward (CausalLM.with_heads) computes them
+    over the finished sequence."""
+    base, adapted, want, small = heads_models
+    ids = HEAD_IDS
+    if source == "self_draft":   # a draft equal to the target: for base rows only
+        ids, adapted = [-1] * len(PROMPTS), None
+        want = _greedy(base, [], ids)
+    spec = {"lookup": Speculative("lookup", 3, ngram=2),
+            "draft": Speculative("draft", 3, draft=small),
+            "self_draft": Speculative("draft", 3, draft=base),
+            "medusa": Speculative("medusa", 3), "mtp": Speculative("mtp", 2)}[source]
+    sched = Scheduler(base, adapters=adapted, max_seqs=4, page_size=4, max_batched_tokens=16,
+                      n_pages=14 if adapted else 11, max_len=48, speculative=spec)
+    reqs = [Request(prompt=p, max_tokens=N, adapter=a, id=str(i))
+            for i, (p, a) in enumerate(zip(PROMPTS, ids))]
+    # staggered arrivals (all at once for the self draft: its rows finish in one call)
+    gap = 0 if source == "self_draft" else 2
+    pending, seen, out = [(gap * i, r) for i, r in enumerate(reqs)], [], {r.id: [] for r in reqs}
+    step = 0
+    while pending or sched.has_work:
+        while pending and pending[0][0] <= step:
+            sched.submit(pending.pop(0)[1])
+        for e in sched.step():
+            out[e.id] += e.tokens
+        seen += [(s.req.id, list(s.tokens), s.drafts) for s in sched.running.values()
+                 if s.req.adapter == -1 and s.drafts is not None]
+        step += 1
+    sched.pool.check_whole()
+    assert [out[str(i)] for i in range(len(reqs))] == want
+    st = sched.stats()
+    assert st["spec_rounds"] > 0 and st["spec_drafted"] > 0
+    assert st["preemptions"] > 0      # a tight pool: rows recomputed, their drafts too
+    if source == "self_draft":
+        assert st["spec_accepted"] == st["spec_drafted"]
+    if source == "lookup":   # repetitive prompts: lookup finds drafts the target accepts
+        assert st["spec_emitted"] > 1.2 * st["spec_rounds"]
+    if source not in ("medusa", "mtp"):
+        assert not seen
+        return
+    full = {str(i): PROMPTS[i] + want[i] for i in range(len(reqs))}
+    rows = [i for i in full if ids[int(i)] == -1]
+    width = max(len(full[i]) for i in rows)   # right padding: causal, earlier positions agree
+    batch = jnp.asarray([full[i] + [0] * (width - len(full[i])) for i in rows])
+    out = base.with_heads(batch)[3 if source == "medusa" else 2]        # [K, b, t, v]
+    heads = {i: out[:, j:j + 1] for j, i in enumerate(rows)}
+    checked = 0
+    for rid, tokens, drafts in seen:
+        c = len(tokens) - 1
+        assert full[rid][:len(tokens)] == tokens
+        k = 3 if source == "medusa" else 1     # only MTP module 0 reads an exact cache
+        best, clear = _argmax_where_clear(np.asarray(heads[rid][:k, 0, c - 1]))
+        assert all(b == d for b, d, ok in zip(best, drafts, clear) if ok), (rid, c)
+        checked += int(clear.sum())
+    assert checked >= 10
 
 
 def test_prefix_keys_keep_adapters_apart(models, wanted):
@@ -143,7 +226,8 @@ def test_adapters_load_and_unload_while_serving_without_compiling():
 
 def test_row_verification_keeps_each_rows_distribution():
     """RowSampling.verify, as the scheduler's speculative round runs it: rows with their
-    own temperature / top-p / top-k, a row with fewer real drafts than γ, a greedy row.
+    own temperature / top-p / top-k, a row with fewer real drafts than γ, a greedy row;
+    fixed drafts (no q: lookup, Medusa, MTP) and drafts drawn from a draft model's q.
     The first emitted token of each row must follow that row's filtered target
     distribution whatever the drafts (chi-square), and the greedy row is the argmax."""
     v, g, rows = 12, 3, 4
@@ -153,29 +237,44 @@ def test_row_verification_keeps_each_rows_distribution():
     n_draft = np.array([3, 1, 2, 3], np.int32)
     reps = 40_000
 
-    def draw(seed_block):
+    def _row_settings(seed_block):
         s = RowSampling.empty(rows * reps)
         s.temperature[:] = np.repeat([t for t, _, _ in settings], reps)
         s.top_k[:] = np.repeat([k for _, k, _ in settings], reps)
         s.top_p[:] = np.repeat([p for _, _, p in settings], reps)
         s.seeds[:] = np.arange(rows * reps) + seed_block
+        return s
+
+    def draw(seed_block):
         return jax.jit(lambda s: s.verify(jnp.repeat(drafts, reps, 0),
                                           jnp.repeat(n_draft, reps),
-                                          jnp.repeat(logits, reps, 0)))(s)
-    n, nxt = (np.asarray(a).reshape(rows, reps) for a in draw(0))
-    first = np.where(n > 0, np.repeat(drafts[:, :1], reps, 1), nxt)
-    assert (n <= n_draft[:, None]).all()
-    for r, (t, k, p) in enumerate(settings[:3]):
-        want = np.asarray(probabilities(logits[r, 0][None], Sampling(t, k or None, p)),
-                          np.float64)[0]
-        counts = np.bincount(first[r], minlength=v)
-        keep = want * reps > 5
-        assert counts[~keep].sum() <= 0.01 * reps
-        assert stats.chisquare(counts[keep], want[keep] / want[keep].sum()
-                               * counts[keep].sum()).pvalue > 1e-3, r
+                                          jnp.repeat(logits, reps, 0)))(_row_settings(seed_block))
+    # a draft model's drafts: drawn from its distributions q, which the rule then uses
+    q = jax.nn.softmax(2.0 * jax.random.normal(jax.random.key(1), (rows, g, v)), -1)
+
+    def draw_q(seed_block):
+        s = _row_settings(seed_block)
+        qs = jnp.repeat(q, reps, 0)
+        d = jax.random.categorical(jax.random.key(seed_block), jnp.log(qs)).astype(jnp.int32)
+        return d, *jax.jit(lambda s, d: s.verify(d, jnp.repeat(n_draft, reps),
+                                                jnp.repeat(logits, reps, 0), q=qs))(s, d)
     greedy = np.asarray(jnp.argmax(logits[3], -1))
-    accepted = int(np.sum(np.cumprod(drafts[3] == greedy[:g])))
-    assert (n[3] == accepted).all() and (nxt[3] == greedy[accepted]).all()
+    for d, n, nxt in ((np.repeat(drafts, reps, 0), *draw(0)), draw_q(7)):
+        d, n, nxt = (np.asarray(a).reshape(rows, reps, -1) for a in (d, n, nxt))
+        n, nxt = n[..., 0], nxt[..., 0]
+        first = np.where(n > 0, d[..., 0], nxt)
+        assert (n <= n_draft[:, None]).all()
+        for r, (t, k, p) in enumerate(settings[:3]):
+            want = np.asarray(probabilities(logits[r, 0][None], Sampling(t, k or None, p)),
+                              np.float64)[0]
+            counts = np.bincount(first[r], minlength=v)
+            keep = want * reps > 5
+            assert counts[~keep].sum() <= 0.01 * reps
+            assert stats.chisquare(counts[keep], want[keep] / want[keep].sum()
+                                   * counts[keep].sum()).pvalue > 1e-3, r
+        # the greedy row: the drafts that equal the argmax, then the argmax (q unused)
+        accepted = np.sum(np.cumprod(d[3] == greedy[:g], axis=-1), axis=-1)
+        assert (n[3] == accepted).all() and (nxt[3] == greedy[accepted]).all()
 
 
 def test_prefix_adapter_with_every_speculative_source_equals_plain_greedy():
@@ -200,6 +299,16 @@ def test_engine_speculates_over_stacked_adapters(models, wanted):
     assert engine.speculative_stats["tokens_per_forward"] > 1
 
 
+def test_engine_mtp_and_medusa_over_stacked_adapters(heads_models):
+    """The engine's MTP chain runs each row's adapter in its module and LM head (it raised
+    "needs PeftInputs" over stacked adapters); Medusa too. Tokens equal each model's."""
+    base, adapted, want, _ = heads_models
+    for spec in (Speculative("mtp", 2), Speculative("medusa", 3)):
+        got = Engine(base, adapters=adapted, speculative=spec).generate(
+            PROMPTS, max_new_tokens=N, adapter_ids=HEAD_IDS)
+        assert got == want, spec.source
+
+
 def test_bad_combinations_are_refused_in_one_line(models):
     base, adapted = models
     mla = tiny_lm(Config(vocab_size=48, d_model=32, n_layers=1, n_heads=4, ffn_dim=64,
@@ -211,7 +320,8 @@ def test_bad_combinations_are_refused_in_one_line(models):
         (lambda: Scheduler(base, adapters=adapted).submit(Request([1] * 90, max_tokens=4,
                                                                   adapter=3)),
          "after the adapter's 5 virtual tokens"),
-        (lambda: Scheduler(base, speculative=Speculative("medusa", 1)), "medusa"),
+        (lambda: Scheduler(base, speculative=Speculative("medusa", 1)),
+         "the model has no medusa heads"),
         (lambda: Scheduler(base, adapters=adapted).submit(Request([1, 2], adapter=4)),
          "adapter 4 does not exist"),
         (lambda: Scheduler(base).submit(Request([1, 2], adapter=0)), "no adapters"),
@@ -241,6 +351,37 @@ def test_scheduler_on_a_mesh_equals_one_device():
     odd = report["odd_vocab_tensor"]        # 63 ids padded to 64 rows, split over tensor
     assert odd["engine_equal"] and odd["embed_rows"][0] == 64
     assert "tensor" in odd["embed_rows"][1]
+
+
+def _walk_matrix(strength: int):
+    """tests/scripts/combination_matrix.py (4 emulated devices): every configuration
+    either gives each request its own model's plain greedy tokens or is refused in one
+    line; every value of every feature ran in some configuration that was served."""
+    script = os.path.join(os.path.dirname(__file__), "scripts", "combination_matrix.py")
+    r = subprocess.run([sys.executable, script, "--strength", str(strength)],
+                       capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    wrong = [c for c in report if c["status"] not in ("equal", "refused")
+             or (c["status"] == "refused" and "\n" in c["detail"])]
+    assert not wrong, wrong
+    served = [c for c in report if c["status"] == "equal"]
+    for name in report[0]["config"]:
+        assert {c["config"][name] for c in served} == {c["config"][name] for c in report}, name
+    assert all(c["detail"]["spec_drafted"] > 0 for c in served if c["config"]["spec"] != "none")
+    return report
+
+
+def test_feature_matrix_every_value():
+    """Five configurations, each feature's every value at least once (weights, KV dtype,
+    prefix sharing, adapter kind, draft source, mesh)."""
+    assert len(_walk_matrix(1)) == 5
+
+
+@pytest.mark.slow
+def test_feature_matrix_every_pair():
+    """All pairs of feature values (about 30 configurations, ~10 minutes on 2 cores)."""
+    assert len(_walk_matrix(2)) >= 25
 
 
 # The server: two PEFT LoRAs, prompt lookup and tensor=2, against transformers + PEFT -----
@@ -337,11 +478,46 @@ def test_server_lora_modules_lookup_on_a_mesh_answer_each_model(tmp_path):
         proc.wait()
 
 
+def test_server_speculates_with_a_draft_model_and_mtp(tmp_path, heads_models):
+    """python -m jaxlm.serve --draft DIR / --mtp (as the CLI builds it): concurrent
+    requests get plain greedy's tokens, /metrics reports the speculation; --medusa on a
+    model without Medusa heads is one line."""
+    from fastapi.testclient import TestClient
+
+    from jaxlm.model.io.runs import save_model
+    from jaxlm.serve.__main__ import build_app, check_args, main, parse_args
+    base, _, _, small = heads_models
+    save_model(base, str(tmp_path / "target"))
+    save_model(small, str(tmp_path / "draft"))
+    prompts = PROMPTS[:4]
+    want = Engine(base).generate(prompts, max_new_tokens=N)
+    for flags in (["--draft", str(tmp_path / "draft"), "--spec-tokens", "3"],
+                  ["--mtp", "--spec-tokens", "2"]):
+        args = parse_args(["--checkpoint", str(tmp_path / "target"), "--no-warmup",
+                           "--page-size", "4", "--max-seqs", "4", "--max-batched-tokens",
+                           "16", "--max-len", "48", *flags])
+        check_args(args)
+        app, name = build_app(args)
+        with TestClient(app) as c, concurrent.futures.ThreadPoolExecutor(4) as pool:
+            def ask(p):
+                r = c.post("/v1/completions", json={
+                    "model": name, "prompt": p, "max_tokens": N, "temperature": 0,
+                    "return_token_ids": True})
+                assert r.status_code == 200, r.text
+                return r.json()["choices"][0]["token_ids"]
+            assert list(pool.map(ask, prompts)) == want, flags
+            metrics = c.get("/metrics").text
+        per_forward = [float(x.split()[-1]) for x in metrics.splitlines()
+                       if x.startswith("jaxlm_spec_tokens_per_forward")]
+        assert per_forward and per_forward[0] >= 1, flags
+    assert main(["--checkpoint", str(tmp_path / "draft"), "--medusa"]) == 2
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--lora-modules", "noequals"], "NAME=DIR pairs"),
     (["--lora-modules", "a=X", "a=Y"], "twice"),
     (["--prompt-lookup", "3", "--spec-tokens", "0"], "--spec-tokens must be positive"),
-    (["--draft", "."], "--prompt-lookup"),
+    (["--draft", "/no/such/dir"], "is not a directory"),
     (["--mesh", "tensor=x"], "--mesh"),
 ])
 def test_server_bad_flags_are_one_line(tmp_path, capsys, flags, match):
