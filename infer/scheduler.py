@@ -390,14 +390,12 @@ class Scheduler:
             return self._spec_run([seq for seq, _ in work])
         if decoding and self.decode_steps > 1:
             return self._decode_run([seq for seq, _ in work])
-        self._drafts = {}
         sampled = self._run(work, copies)
         events = []
         for seq, n in work:
             seq.computed += n
             self._register_full_pages(seq)
             if seq.row in sampled:
-                seq.drafts = self._drafts.get(seq.row)
                 events.append(self._emit(seq, [sampled[seq.row]]))
                 if events[-1].finished:
                     self._retire(seq)
@@ -584,8 +582,9 @@ class Scheduler:
                 x.ahead[:, i:i + k] = _ahead(seq.tokens, pos, mtp)
         out, drafts = self.runner.run(x)
         if self.program is not None and self.program.carries_drafts:
-            for r in sampling_rows:   # medusa/mtp: the row's next drafts, made with its token
-                self._drafts[r] = drafts[r].tolist()
+            for seq, _ in work:   # medusa/mtp: the row's next drafts, made with its token
+                if seq.row in sampling_rows:
+                    seq.drafts = drafts[seq.row].tolist()
         return {r: int(out[r]) for r in sampling_rows}
 
     def _decode_run(self, seqs) -> list[Event]:
